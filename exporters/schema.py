@@ -1,0 +1,342 @@
+"""Table definitions: the OpenTelemetry Collector ClickHouse exporter's tables, plus ours.
+
+Metric and log tables keep the exporter's column names and types, so the
+OpenTelemetry Collector's ``clickhouseexporter`` (with ``create_schema: false``)
+can write into the very tables Stethoscope creates. Timestamps are
+``DateTime64(9)`` everywhere, as in the exporter's original metric schema, so
+sub-second telemetry (per-step training timings) keeps its precision.
+
+Every statement is idempotent (``IF NOT EXISTS``); changes after the first
+release go in :data:`MIGRATIONS` and are recorded in ``schema_migrations``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "Table",
+    "Migration",
+    "TABLES",
+    "METRIC_TABLES",
+    "MIGRATIONS",
+    "SchemaOptions",
+    "create_statements",
+    "ttl_statements",
+]
+
+_MAP = "Map(LowCardinality(String), String)"
+
+_METRIC_HEAD = [
+    ("ResourceAttributes", _MAP, "CODEC(ZSTD(1))"),
+    ("ResourceSchemaUrl", "String", "CODEC(ZSTD(1))"),
+    ("ScopeName", "String", "CODEC(ZSTD(1))"),
+    ("ScopeVersion", "String", "CODEC(ZSTD(1))"),
+    ("ScopeAttributes", _MAP, "CODEC(ZSTD(1))"),
+    ("ScopeDroppedAttrCount", "UInt32", "CODEC(ZSTD(1))"),
+    ("ScopeSchemaUrl", "String", "CODEC(ZSTD(1))"),
+    ("ServiceName", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+    ("MetricName", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+    ("MetricDescription", "String", "CODEC(ZSTD(1))"),
+    ("MetricUnit", "String", "CODEC(ZSTD(1))"),
+    ("Attributes", _MAP, "CODEC(ZSTD(1))"),
+    ("StartTimeUnix", "DateTime64(9)", "CODEC(Delta, ZSTD(1))"),
+    ("TimeUnix", "DateTime64(9)", "CODEC(Delta, ZSTD(1))"),
+]
+
+_EXEMPLARS = [
+    ("Exemplars.FilteredAttributes", f"Array({_MAP})", "CODEC(ZSTD(1))"),
+    ("Exemplars.TimeUnix", "Array(DateTime64(9))", "CODEC(ZSTD(1))"),
+    ("Exemplars.Value", "Array(Float64)", "CODEC(ZSTD(1))"),
+    ("Exemplars.SpanId", "Array(String)", "CODEC(ZSTD(1))"),
+    ("Exemplars.TraceId", "Array(String)", "CODEC(ZSTD(1))"),
+]
+
+_MAP_INDEXES = [
+    "INDEX idx_res_attr_key mapKeys(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1",
+    "INDEX idx_res_attr_value mapValues(ResourceAttributes) TYPE bloom_filter(0.01) GRANULARITY 1",
+    "INDEX idx_scope_attr_key mapKeys(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1",
+    "INDEX idx_scope_attr_value mapValues(ScopeAttributes) TYPE bloom_filter(0.01) GRANULARITY 1",
+]
+_METRIC_INDEXES = [
+    *_MAP_INDEXES,
+    "INDEX idx_attr_key mapKeys(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1",
+    "INDEX idx_attr_value mapValues(Attributes) TYPE bloom_filter(0.01) GRANULARITY 1",
+    "INDEX idx_time_minmax TimeUnix TYPE minmax GRANULARITY 1",
+]
+_METRIC_ORDER = "(ServiceName, MetricName, toStartOfHour(TimeUnix), cityHash64(Attributes), TimeUnix)"
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table: its columns (name, type, codec), indexes and layout."""
+
+    name: str
+    columns: tuple[tuple[str, str, str], ...]
+    order_by: str
+    partition_by: str
+    ttl_column: str
+    indexes: tuple[str, ...] = ()
+    engine: str = "MergeTree"
+    primary_key: str = ""
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """Column names in DDL order (Nested sub-columns as ``Parent.Child``)."""
+        return tuple(c[0] for c in self.columns)
+
+
+def _metric(name: str, tail: list[tuple[str, str, str]]) -> Table:
+    return Table(
+        name=name,
+        columns=tuple(_METRIC_HEAD + tail),
+        order_by=_METRIC_ORDER,
+        partition_by="toDate(TimeUnix)",
+        ttl_column="TimeUnix",
+        indexes=tuple(_METRIC_INDEXES),
+    )
+
+
+_FLAGS = ("Flags", "UInt32", "CODEC(ZSTD(1))")
+_TEMPORALITY = ("AggregationTemporality", "Int32", "CODEC(ZSTD(1))")
+_COUNT = ("Count", "UInt64", "CODEC(Delta, ZSTD(1))")
+_SUM = ("Sum", "Float64", "CODEC(ZSTD(1))")
+_MINMAX = [("Min", "Float64", "CODEC(ZSTD(1))"), ("Max", "Float64", "CODEC(ZSTD(1))")]
+
+METRIC_TABLES: dict[str, Table] = {
+    "gauge": _metric(
+        "otel_metrics_gauge", [("Value", "Float64", "CODEC(ZSTD(1))"), _FLAGS, *_EXEMPLARS]
+    ),
+    "sum": _metric(
+        "otel_metrics_sum",
+        [
+            ("Value", "Float64", "CODEC(ZSTD(1))"),
+            _FLAGS,
+            *_EXEMPLARS,
+            _TEMPORALITY,
+            ("IsMonotonic", "Bool", "CODEC(Delta, ZSTD(1))"),
+        ],
+    ),
+    "histogram": _metric(
+        "otel_metrics_histogram",
+        [
+            _COUNT,
+            _SUM,
+            ("BucketCounts", "Array(UInt64)", "CODEC(ZSTD(1))"),
+            ("ExplicitBounds", "Array(Float64)", "CODEC(ZSTD(1))"),
+            *_EXEMPLARS,
+            _FLAGS,
+            *_MINMAX,
+            _TEMPORALITY,
+        ],
+    ),
+    "exponential_histogram": _metric(
+        "otel_metrics_exponential_histogram",
+        [
+            _COUNT,
+            _SUM,
+            ("Scale", "Int32", "CODEC(ZSTD(1))"),
+            ("ZeroCount", "UInt64", "CODEC(ZSTD(1))"),
+            ("PositiveOffset", "Int32", "CODEC(ZSTD(1))"),
+            ("PositiveBucketCounts", "Array(UInt64)", "CODEC(ZSTD(1))"),
+            ("NegativeOffset", "Int32", "CODEC(ZSTD(1))"),
+            ("NegativeBucketCounts", "Array(UInt64)", "CODEC(ZSTD(1))"),
+            *_EXEMPLARS,
+            _FLAGS,
+            *_MINMAX,
+            _TEMPORALITY,
+        ],
+    ),
+    "summary": _metric(
+        "otel_metrics_summary",
+        [
+            _COUNT,
+            _SUM,
+            ("ValueAtQuantiles.Quantile", "Array(Float64)", "CODEC(ZSTD(1))"),
+            ("ValueAtQuantiles.Value", "Array(Float64)", "CODEC(ZSTD(1))"),
+            _FLAGS,
+        ],
+    ),
+}
+
+LOGS_TABLE = Table(
+    name="otel_logs",
+    columns=(
+        ("Timestamp", "DateTime64(9)", "CODEC(Delta(8), ZSTD(1))"),
+        # Kept for Grafana's ClickHouse plugin before v1.3, which filters on it;
+        # the collector does not insert it, so it is filled by its DEFAULT.
+        ("TimestampTime", "DateTime", "DEFAULT toDateTime(Timestamp)"),
+        ("TraceId", "String", "CODEC(ZSTD(1))"),
+        ("SpanId", "String", "CODEC(ZSTD(1))"),
+        ("TraceFlags", "UInt8", ""),
+        ("SeverityText", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("SeverityNumber", "UInt8", ""),
+        ("ServiceName", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("Body", "String", "CODEC(ZSTD(1))"),
+        ("ResourceSchemaUrl", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("ResourceAttributes", _MAP, "CODEC(ZSTD(1))"),
+        ("ScopeSchemaUrl", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("ScopeName", "String", "CODEC(ZSTD(1))"),
+        ("ScopeVersion", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("ScopeAttributes", _MAP, "CODEC(ZSTD(1))"),
+        ("LogAttributes", _MAP, "CODEC(ZSTD(1))"),
+        ("EventName", "String", "CODEC(ZSTD(1))"),
+    ),
+    indexes=(
+        "INDEX idx_trace_id TraceId TYPE bloom_filter(0.001) GRANULARITY 1",
+        *_MAP_INDEXES,
+        "INDEX idx_log_attr_key mapKeys(LogAttributes) TYPE bloom_filter(0.01) GRANULARITY 1",
+        "INDEX idx_log_attr_value mapValues(LogAttributes) TYPE bloom_filter(0.01) GRANULARITY 1",
+        "INDEX idx_body Body TYPE tokenbf_v1(32768, 3, 0) GRANULARITY 8",
+    ),
+    partition_by="toDate(TimestampTime)",
+    primary_key="(ServiceName, TimestampTime)",
+    order_by="(ServiceName, TimestampTime, Timestamp)",
+    ttl_column="TimestampTime",
+)
+
+MIGRATIONS_TABLE = Table(
+    name="schema_migrations",
+    columns=(
+        ("Version", "UInt32", ""),
+        ("Description", "String", ""),
+        ("AppliedAt", "DateTime64(3)", ""),
+    ),
+    engine="ReplacingMergeTree",
+    order_by="Version",
+    partition_by="",
+    ttl_column="",
+)
+
+TABLES: dict[str, Table] = {
+    **{t.name: t for t in METRIC_TABLES.values()},
+    LOGS_TABLE.name: LOGS_TABLE,
+}
+
+
+@dataclass(frozen=True)
+class SchemaOptions:
+    """How to lay the tables out: database, TTL, and cluster settings."""
+
+    database: str = "stethoscope"
+    ttl_seconds: int = 0
+    cluster: str = ""
+    #: Replaces ``MergeTree`` for every table, e.g. ``ReplicatedMergeTree`` on a cluster.
+    engine: str = ""
+    #: How many recent insert tokens a plain MergeTree table remembers, so a
+    #: retried batch is not stored twice. Replicated tables deduplicate by default.
+    dedup_window: int = 1000
+
+    def on_cluster(self) -> str:
+        return f" ON CLUSTER {quote_ident(self.cluster)}" if self.cluster else ""
+
+
+def quote_ident(name: str) -> str:
+    """Quote a ClickHouse identifier with backticks.
+
+    >>> quote_ident("otel_logs"), quote_ident("Exemplars.Value"), quote_ident("a`b")
+    ('`otel_logs`', '`Exemplars.Value`', '`a\\\\`b`')
+    """
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def ttl_expr(column: str, seconds: int) -> str:
+    """A TTL clause in the largest unit that divides ``seconds`` evenly.
+
+    >>> ttl_expr("TimeUnix", 7 * 86400)
+    'toDateTime(TimeUnix) + toIntervalDay(7)'
+    >>> ttl_expr("TimeUnix", 90 * 60)
+    'toDateTime(TimeUnix) + toIntervalMinute(90)'
+    """
+    for unit, size in (("Day", 86400), ("Hour", 3600), ("Minute", 60), ("Second", 1)):
+        if seconds % size == 0:
+            return f"toDateTime({column}) + toInterval{unit}({seconds // size})"
+    raise AssertionError("unreachable: every integer is a multiple of 1")
+
+
+def _nested_groups(columns: tuple[tuple[str, str, str], ...]) -> list[str]:
+    """Render columns, folding ``Parent.Child`` runs back into ``Nested(...)``."""
+    out: list[str] = []
+    i = 0
+    while i < len(columns):
+        name, typ, codec = columns[i]
+        if "." in name:
+            parent = name.split(".", 1)[0]
+            members = []
+            while i < len(columns) and columns[i][0].startswith(parent + "."):
+                child, ctyp, _ = columns[i]
+                inner = ctyp[len("Array(") : -1]  # Nested members are declared unwrapped
+                members.append(f"{quote_ident(child.split('.', 1)[1])} {inner}")
+                i += 1
+            out.append(f"{quote_ident(parent)} Nested({', '.join(members)}) {codec}".rstrip())
+            continue
+        out.append(f"{quote_ident(name)} {typ} {codec}".rstrip())
+        i += 1
+    return out
+
+
+def create_statements(opts: SchemaOptions, tables: list[Table] | None = None) -> list[str]:
+    """``CREATE ... IF NOT EXISTS`` statements for the database and ``tables``."""
+    db = quote_ident(opts.database)
+    stmts = [f"CREATE DATABASE IF NOT EXISTS {db}{opts.on_cluster()}"]
+    for t in tables if tables is not None else [MIGRATIONS_TABLE, *TABLES.values()]:
+        body = ",\n    ".join(_nested_groups(t.columns) + list(t.indexes))
+        engine = t.engine
+        if opts.engine and engine == "MergeTree":
+            engine = opts.engine
+        settings = ["index_granularity = 8192"]
+        if t.ttl_column:
+            settings.append("ttl_only_drop_parts = 1")
+        if engine == "MergeTree" and opts.dedup_window > 0:
+            settings.append(f"non_replicated_deduplication_window = {opts.dedup_window}")
+        parts = [
+            f"CREATE TABLE IF NOT EXISTS {db}.{quote_ident(t.name)}{opts.on_cluster()} (\n    {body}\n)",
+            f"ENGINE = {engine}()" if "(" not in engine else f"ENGINE = {engine}",
+        ]
+        if t.partition_by:
+            parts.append(f"PARTITION BY {t.partition_by}")
+        if t.primary_key:
+            parts.append(f"PRIMARY KEY {t.primary_key}")
+        parts.append(f"ORDER BY {t.order_by}")
+        if t.ttl_column and opts.ttl_seconds > 0:
+            parts.append(f"TTL {ttl_expr(t.ttl_column, opts.ttl_seconds)}")
+        parts.append("SETTINGS " + ", ".join(settings))
+        stmts.append("\n".join(parts))
+    return stmts
+
+
+def ttl_statements(opts: SchemaOptions, current: dict[str, str]) -> list[str]:
+    """ALTERs that bring each table's TTL to ``opts``.
+
+    ``current`` maps table name to its ``create_table_query`` as the server
+    reports it; a table whose TTL already matches is left alone.
+    """
+    stmts = []
+    for t in TABLES.values():
+        ddl = current.get(t.name)
+        if ddl is None or not t.ttl_column:
+            continue
+        target = ttl_expr(t.ttl_column, opts.ttl_seconds) if opts.ttl_seconds > 0 else ""
+        has_ttl = " TTL " in ddl
+        name = f"{quote_ident(opts.database)}.{quote_ident(t.name)}{opts.on_cluster()}"
+        if target and target not in ddl:
+            stmts.append(f"ALTER TABLE {name} MODIFY TTL {target}")
+        elif not target and has_ttl:
+            stmts.append(f"ALTER TABLE {name} REMOVE TTL")
+    return stmts
+
+
+@dataclass(frozen=True)
+class Migration:
+    """A numbered schema change applied once and recorded in ``schema_migrations``."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]  # may use {db} and {on_cluster}
+
+
+#: Version 1 is the initial layout created by :func:`create_statements`; later
+#: changes append here and never edit an applied entry.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial OpenTelemetry metric and log tables", ()),
+)

@@ -1,0 +1,206 @@
+"""A ClickHouse-compatible HTTP SQL endpoint over the store.
+
+It serves the subset of ClickHouse's HTTP interface that ``curl``, Grafana's
+ClickHouse plugin (HTTP protocol) and ``clickhouse-connect`` use: queries by
+``GET /?query=`` or ``POST /`` (query in the body or the ``query`` parameter),
+``INSERT ... FORMAT <fmt>`` with the data as body, every ClickHouse output format
+(``default_format`` or a ``FORMAT`` clause; TabSeparated by default), compressed
+request bodies, compressed responses with ``enable_http_compression=1``, ``/ping``,
+and errors as ClickHouse reports them (``X-ClickHouse-Exception-Code``).
+
+Read-only unless ``writable`` is set: writes are refused up front (403, code 164)
+and reads run under ClickHouse's ``readonly=1``, which also blocks table
+functions that would read files or reach the network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import socket
+import time
+import uuid
+import zlib
+from urllib.parse import parse_qs
+
+from stethoscope.errors import StoreError
+
+from .http_common import BaseHandler, BodyError, decompress
+from .store import READ_ONLY_VERBS
+
+__all__ = ["SqlHandler", "first_verb", "split_insert"]
+
+_COMMENTS = re.compile(r"(--[^\n]*|#[^\n]*|/\*.*?\*/)", re.S)
+_INSERT_FORMAT = re.compile(r"^\s*(INSERT\s+INTO\s+.+?)\s+FORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.I | re.S)
+_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.I)
+
+_STATUS_BY_CODE = {62: 400, 6: 400, 27: 400, 36: 400, 46: 400, 47: 400, 164: 403, 497: 403, 60: 404, 81: 404}
+
+_CONTENT_TYPES = (
+    ("TabSeparated", "text/tab-separated-values; charset=UTF-8"),
+    ("TSV", "text/tab-separated-values; charset=UTF-8"),
+    ("JSON", "application/json; charset=UTF-8"),
+    ("CSV", "text/csv; charset=UTF-8; header=absent"),
+    ("XML", "application/xml; charset=UTF-8"),
+    ("Pretty", "text/plain; charset=UTF-8"),
+    ("Vertical", "text/plain; charset=UTF-8"),
+    ("Values", "text/plain; charset=UTF-8"),
+    ("Markdown", "text/markdown; charset=UTF-8"),
+)
+
+
+def first_verb(sql: str) -> str:
+    """The first keyword of ``sql``, comments and brackets skipped, upper-cased.
+
+    >>> first_verb("  -- hi\\n/* x */ (select 1)")
+    'SELECT'
+    >>> first_verb("insert into t values (1)")
+    'INSERT'
+    """
+    text = _COMMENTS.sub(" ", sql).lstrip(" \t\r\n(")
+    m = re.match(r"[A-Za-z]+", text)
+    return m.group(0).upper() if m else ""
+
+
+def split_insert(query: str) -> tuple[str, str] | None:
+    """``(statement, format)`` when ``query`` is ``INSERT INTO ... FORMAT fmt`` with data to follow.
+
+    >>> split_insert("INSERT INTO t (a, b) FORMAT Native")
+    ('INSERT INTO t (a, b)', 'Native')
+    >>> split_insert("INSERT INTO t VALUES (1)") is None
+    True
+    """
+    m = _INSERT_FORMAT.match(_COMMENTS.sub(" ", query))
+    return (m.group(1), m.group(2)) if m else None
+
+
+def _content_type(fmt: str) -> str:
+    for prefix, ctype in _CONTENT_TYPES:
+        if fmt.startswith(prefix):
+            return ctype
+    return "application/octet-stream"
+
+
+def _compress(body: bytes, accept: str) -> tuple[bytes, str | None]:
+    offered = [e.split(";")[0].strip().lower() for e in accept.split(",")]
+    for enc in offered:
+        if enc == "gzip":
+            return gzip.compress(body, 1), "gzip"
+        if enc == "deflate":
+            return zlib.compress(body, 1), "deflate"
+        if enc == "zstd":
+            import zstandard
+
+            return zstandard.ZstdCompressor(level=1).compress(body), "zstd"
+        if enc == "lz4":
+            import lz4.frame
+
+            return lz4.frame.compress(body), "lz4"
+    return body, None
+
+
+class SqlHandler(BaseHandler):
+    endpoint = "sql"
+
+    def do_HEAD(self) -> None:
+        self.reply(200, b"")
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if self.serve_common():
+            return
+        if path in ("/ping", "/replicas_status"):
+            self.reply(200, b"Ok.\n")
+            return
+        self._handle(path, allow_write=False)
+
+    def do_POST(self) -> None:
+        self._handle(self.path.split("?", 1)[0], allow_write=True)
+
+    def _params(self) -> dict[str, str]:
+        query = self.path.split("?", 1)[1] if "?" in self.path else ""
+        return {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+
+    def _handle(self, path: str, *, allow_write: bool) -> None:
+        if path != "/":
+            self._error(404, f"no SQL endpoint at {path}: send queries to /", 0, "UNKNOWN_PATH")
+            return
+        ctx = self.server.context
+        params = self._params()
+        try:
+            raw = self.read_body(ctx["max_body_bytes"])
+            body = decompress(raw, self.headers.get("Content-Encoding", ""), ctx["max_body_bytes"])
+        except BodyError as exc:
+            self.metrics.rejects.labels(endpoint=self.endpoint, reason=exc.reason).inc()
+            self._error(exc.status, str(exc), 0, "BAD_REQUEST_BODY")
+            return
+        query = params.get("query", "")
+        insert = split_insert(query) if query and body else None
+        if insert is None:
+            try:
+                query = (query + "\n" + body.decode("utf-8")) if query and body else (query or body.decode("utf-8"))
+            except UnicodeDecodeError:
+                self._error(400, "the query is not valid UTF-8", 0, "BAD_QUERY")
+                return
+        if not query.strip():
+            self.reply(200, b"Ok.\n")
+            return
+        verb = first_verb(insert[0] if insert else query)
+        writable = ctx["writable"] and allow_write
+        if verb not in READ_ONLY_VERBS and not writable:
+            why = "GET requests are read-only" if ctx["writable"] else "the SQL endpoint is read-only (sql.writable = false)"
+            self.metrics.sql_queries.labels(outcome="refused").inc()
+            self._error(403, f"Cannot execute {verb or 'this'} query: {why}.", 164, "READONLY")
+            return
+        store = ctx["store"]
+        query_id = params.get("query_id") or self.headers.get("X-ClickHouse-Query-Id") or str(uuid.uuid4())
+        started = time.perf_counter_ns()
+        try:
+            if insert is not None:
+                written = store.insert_raw(insert[0], body, insert[1])
+                data, fmt, summary = b"", "TabSeparated", {"written_rows": written, "written_bytes": len(body)}
+            else:
+                m = _TRAILING_FORMAT.search(_COMMENTS.sub(" ", query))
+                fmt = m.group(1) if m else (
+                    params.get("default_format") or self.headers.get("X-ClickHouse-Format") or "TabSeparated"
+                )
+                db = params.get("database") or self.headers.get("X-ClickHouse-Database")
+                if db and db != store.database:
+                    self._error(400, f"database {db!r} is not served here; this endpoint serves {store.database!r}", 81, "UNKNOWN_DATABASE")
+                    return
+                res = store.query(query, fmt, readonly=not writable)
+                data = res.data
+                summary = {
+                    "read_rows": res.rows_read,
+                    "read_bytes": res.bytes_read,
+                    "written_rows": res.rows_written,
+                    "written_bytes": res.bytes_written,
+                    "result_rows": res.result_rows,
+                    "result_bytes": len(data),
+                }
+        except StoreError as exc:
+            self.metrics.sql_queries.labels(outcome="error").inc()
+            code = exc.code or 0
+            text = str(exc).split(": ", 1)[-1]
+            self._error(_STATUS_BY_CODE.get(code, 500), text, code, "")
+            return
+        self.metrics.sql_queries.labels(outcome="ok").inc()
+        summary["elapsed_ns"] = time.perf_counter_ns() - started
+        headers = {
+            "X-ClickHouse-Query-Id": query_id,
+            "X-ClickHouse-Format": fmt,
+            "X-ClickHouse-Timezone": ctx.get("timezone", "UTC"),
+            "X-ClickHouse-Server-Display-Name": socket.gethostname(),
+            "X-ClickHouse-Summary": json.dumps({k: str(v) for k, v in summary.items()}),
+        }
+        if params.get("enable_http_compression") == "1":
+            data, enc = _compress(data, self.headers.get("Accept-Encoding", ""))
+            if enc:
+                headers["Content-Encoding"] = enc
+        self.reply(200, data, _content_type(fmt), headers)
+
+    def _error(self, status: int, message: str, code: int, name: str) -> None:
+        text = message if message.startswith("Code:") else f"Code: {code}. DB::Exception: {message}" + (f" ({name})" if name else "")
+        headers = {"X-ClickHouse-Exception-Code": str(code)}
+        self.reply(status, (text.rstrip() + "\n").encode("utf-8"), "text/plain; charset=UTF-8", headers)

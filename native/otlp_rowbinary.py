@@ -1,0 +1,275 @@
+"""Pure-Python twin of ``otlp_rowbinary.c``: OTLP metrics protobuf to ClickHouse RowBinary.
+
+:func:`encode_metrics` takes the bytes of an ``ExportMetricsServiceRequest`` and
+returns, per metric kind present, the number of rows and their RowBinary
+encoding, in the column order of :data:`stethoscope.exporters.schema.METRIC_TABLES`.
+The C kernel produces byte-identical output; the test suite checks that on
+generated requests and runs against both.
+
+Encoding rules, shared with the C kernel (they follow the OpenTelemetry
+Collector's ClickHouse exporter where it has one):
+
+* Attribute maps are sorted by key (bytewise); a repeated key keeps its first value.
+* Attribute values become strings: strings as is, booleans ``true``/``false``,
+  integers in decimal, doubles in the shortest ``%.{p}g`` form that reads back
+  exactly (``NaN``, ``+Inf``, ``-Inf`` for the specials), bytes in base64,
+  arrays and key-value lists as compact JSON, an empty value as ``""``.
+* ``ServiceName`` is the resource's ``service.name`` attribute, or ``""``.
+* A number point's value is ``as_double``, else ``as_int`` as a double, else 0.
+  Absent optional ``sum``/``min``/``max`` are written as 0.
+* Trace and span ids are lowercase hex (empty when absent).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+
+__all__ = ["encode_metrics", "any_value_to_str", "attr_map", "rb_string"]
+
+_pack_q = struct.Struct("<q").pack
+_pack_Q = struct.Struct("<Q").pack
+_pack_d = struct.Struct("<d").pack
+_pack_I = struct.Struct("<I").pack
+_pack_i = struct.Struct("<i").pack
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _str(b: bytes) -> bytes:
+    return _varint(len(b)) + b
+
+
+def _double_str(v: float) -> str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    for p in range(1, 18):
+        s = "%.*g" % (p, v)
+        if float(s) == v:
+            return s
+    return "%.17g" % v
+
+
+_JSON_ESC = {0x22: '\\"', 0x5C: "\\\\", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x08: "\\b", 0x0C: "\\f"}
+
+
+def _json_str(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        o = ord(ch)
+        esc = _JSON_ESC.get(o)
+        if esc is not None:
+            out.append(esc)
+        elif o < 0x20:
+            out.append("\\u%04x" % o)
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _json_value(v) -> str:  # v: opentelemetry AnyValue
+    kind = v.WhichOneof("value")
+    if kind == "string_value":
+        return _json_str(v.string_value)
+    if kind == "bool_value":
+        return "true" if v.bool_value else "false"
+    if kind == "int_value":
+        return str(v.int_value)
+    if kind == "double_value":
+        d = v.double_value
+        s = _double_str(d)
+        return _json_str(s) if (math.isnan(d) or math.isinf(d)) else s
+    if kind == "bytes_value":
+        return _json_str(base64.b64encode(v.bytes_value).decode("ascii"))
+    if kind == "array_value":
+        return "[" + ",".join(_json_value(x) for x in v.array_value.values) + "]"
+    if kind == "kvlist_value":
+        return "{" + ",".join(
+            _json_str(kv.key) + ":" + _json_value(kv.value) for kv in v.kvlist_value.values
+        ) + "}"
+    return "null"
+
+
+def any_value_to_str(v) -> str:
+    """Render an OTLP ``AnyValue`` as the string stored in an attribute map."""
+    kind = v.WhichOneof("value")
+    if kind == "string_value":
+        return v.string_value
+    if kind is None:
+        return ""
+    if kind in ("array_value", "kvlist_value"):
+        return _json_value(v)
+    if kind == "bytes_value":
+        return base64.b64encode(v.bytes_value).decode("ascii")
+    if kind == "double_value":
+        return _double_str(v.double_value)
+    return _json_value(v)
+
+
+def _attr_items(kvs) -> list[tuple[bytes, bytes]]:
+    seen: dict[bytes, bytes] = {}
+    for kv in kvs:
+        k = kv.key.encode("utf-8")
+        if k not in seen:
+            seen[k] = any_value_to_str(kv.value).encode("utf-8")
+    return sorted(seen.items())
+
+
+def _map(items: list[tuple[bytes, bytes]]) -> bytes:
+    return _varint(len(items)) + b"".join(_str(k) + _str(v) for k, v in items)
+
+
+def _attrs(kvs) -> bytes:
+    return _map(_attr_items(kvs))
+
+
+def attr_map(kvs) -> tuple[bytes, dict[bytes, bytes]]:
+    """A repeated ``KeyValue`` as a RowBinary map, and the map itself."""
+    items = _attr_items(kvs)
+    return _map(items), dict(items)
+
+
+def rb_string(b: bytes) -> bytes:
+    """A RowBinary ``String``: LEB128 length, then the bytes."""
+    return _str(b)
+
+
+def _exemplars(exs) -> bytes:
+    n = _varint(len(exs))
+    fa, ts, val, span, trace = [n], [n], [n], [n], [n]
+    for e in exs:
+        fa.append(_attrs(e.filtered_attributes))
+        ts.append(_pack_Q(e.time_unix_nano))
+        kind = e.WhichOneof("value")
+        val.append(_pack_d(e.as_double if kind == "as_double" else float(e.as_int) if kind else 0.0))
+        span.append(_str(e.span_id.hex().encode("ascii")))
+        trace.append(_str(e.trace_id.hex().encode("ascii")))
+    return b"".join(fa) + b"".join(ts) + b"".join(val) + b"".join(span) + b"".join(trace)
+
+
+def _number_value(dp) -> float:
+    kind = dp.WhichOneof("value")
+    if kind == "as_double":
+        return dp.as_double
+    if kind == "as_int":
+        return float(dp.as_int)
+    return 0.0
+
+
+def _opt(dp, field: str) -> float:
+    return getattr(dp, field) if dp.HasField(field) else 0.0
+
+
+def _u64_array(values) -> bytes:
+    return _varint(len(values)) + b"".join(_pack_Q(x) for x in values)
+
+
+def _f64_array(values) -> bytes:
+    return _varint(len(values)) + b"".join(_pack_d(x) for x in values)
+
+
+def encode_metrics(data: bytes) -> dict[str, tuple[int, bytes]]:
+    """Encode an ``ExportMetricsServiceRequest`` as RowBinary, per metric kind.
+
+    Raises :class:`ValueError` when ``data`` is not a valid request.
+    """
+    from google.protobuf.message import DecodeError as _PbDecodeError
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+        ExportMetricsServiceRequest,
+    )
+
+    try:
+        req = ExportMetricsServiceRequest.FromString(data)
+    except (_PbDecodeError, RecursionError) as exc:
+        raise ValueError(f"invalid OTLP metrics protobuf: {exc}") from exc
+    out: dict[str, list] = {}
+    for rm in req.resource_metrics:
+        res_items = _attr_items(rm.resource.attributes)
+        service = dict(res_items).get(b"service.name", b"")
+        res_head = _map(res_items) + _str(rm.schema_url.encode("utf-8"))
+        for sm in rm.scope_metrics:
+            sc = sm.scope
+            scope_head = (
+                _str(sc.name.encode("utf-8"))
+                + _str(sc.version.encode("utf-8"))
+                + _attrs(sc.attributes)
+                + _pack_I(sc.dropped_attributes_count)
+                + _str(sm.schema_url.encode("utf-8"))
+                + _str(service)
+            )
+            for m in sm.metrics:
+                kind = m.WhichOneof("data")
+                if kind is None:
+                    continue
+                head = (
+                    res_head
+                    + scope_head
+                    + _str(m.name.encode("utf-8"))
+                    + _str(m.description.encode("utf-8"))
+                    + _str(m.unit.encode("utf-8"))
+                )
+                body = getattr(m, kind)
+                rows = out.setdefault(kind, [0, []])
+                chunks = rows[1]
+                for dp in body.data_points:
+                    rows[0] += 1
+                    chunks.append(head)
+                    chunks.append(_attrs(dp.attributes))
+                    chunks.append(_pack_Q(dp.start_time_unix_nano) + _pack_Q(dp.time_unix_nano))
+                    if kind == "gauge" or kind == "sum":
+                        chunks.append(_pack_d(_number_value(dp)) + _pack_I(dp.flags))
+                        chunks.append(_exemplars(dp.exemplars))
+                        if kind == "sum":
+                            chunks.append(
+                                _pack_i(body.aggregation_temporality)
+                                + (b"\x01" if body.is_monotonic else b"\x00")
+                            )
+                    elif kind == "histogram":
+                        chunks.append(
+                            _pack_Q(dp.count)
+                            + _pack_d(_opt(dp, "sum"))
+                            + _u64_array(dp.bucket_counts)
+                            + _f64_array(dp.explicit_bounds)
+                            + _exemplars(dp.exemplars)
+                            + _pack_I(dp.flags)
+                            + _pack_d(_opt(dp, "min"))
+                            + _pack_d(_opt(dp, "max"))
+                            + _pack_i(body.aggregation_temporality)
+                        )
+                    elif kind == "exponential_histogram":
+                        chunks.append(
+                            _pack_Q(dp.count)
+                            + _pack_d(_opt(dp, "sum"))
+                            + _pack_i(dp.scale)
+                            + _pack_Q(dp.zero_count)
+                            + _pack_i(dp.positive.offset)
+                            + _u64_array(dp.positive.bucket_counts)
+                            + _pack_i(dp.negative.offset)
+                            + _u64_array(dp.negative.bucket_counts)
+                            + _exemplars(dp.exemplars)
+                            + _pack_I(dp.flags)
+                            + _pack_d(_opt(dp, "min"))
+                            + _pack_d(_opt(dp, "max"))
+                            + _pack_i(body.aggregation_temporality)
+                        )
+                    else:  # summary
+                        q = dp.quantile_values
+                        chunks.append(
+                            _pack_Q(dp.count)
+                            + _pack_d(dp.sum)
+                            + _f64_array([x.quantile for x in q])
+                            + _f64_array([x.value for x in q])
+                            + _pack_I(dp.flags)
+                        )
+    return {k: (v[0], b"".join(v[1])) for k, v in out.items() if v[0]}

@@ -1,0 +1,7 @@
+"""``python -m stethoscope``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

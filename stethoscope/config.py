@@ -1,0 +1,331 @@
+"""Configuration: one frozen object built from defaults, a TOML file, the environment and flags.
+
+Precedence, lowest first: built-in defaults, the ``--config`` TOML file, environment
+variables ``STETHOSCOPE_<SECTION>_<KEY>`` (for example ``STETHOSCOPE_SQL_PORT=8124``),
+then command-line flags. Every value is checked when the configuration is built and
+all problems are reported together in one :class:`~stethoscope.errors.ConfigError`.
+
+>>> cfg = load_config(environ={"STETHOSCOPE_SQL_PORT": "9000"})
+>>> cfg.sql.port, cfg.collector.otlp_http_port, cfg.store.data_dir
+(9000, 4318, './stethoscope-data')
+>>> load_config(environ={"STETHOSCOPE_SQL_PORT": "0", "STETHOSCOPE_STORE_TTL": "3 weeks"})
+Traceback (most recent call last):
+...
+stethoscope.errors.ConfigError: 2 configuration problems:
+  - store.ttl (env STETHOSCOPE_STORE_TTL): expected a duration like 30d, 12h, 90m or 0, got '3 weeks'
+  - sql.port (env STETHOSCOPE_SQL_PORT): must be a port number 1..65535, got 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+__all__ = [
+    "Config",
+    "StoreConfig",
+    "CollectorConfig",
+    "SqlConfig",
+    "AgentConfig",
+    "load_config",
+    "parse_duration",
+    "ENV_PREFIX",
+]
+
+ENV_PREFIX = "STETHOSCOPE_"
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``30d``, ``12h``, ``90m``, ``45s``, ``200ms`` or ``0``.
+
+    >>> parse_duration("30d"), parse_duration("200ms"), parse_duration("0")
+    (2592000, 0.2, 0)
+    """
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"expected a duration like 30d, 12h, 90m or 0, got {text!r}")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+# --- validators: each returns a problem description or None -------------------
+
+
+def _port(v: int) -> str | None:
+    return None if 1 <= v <= 65535 else f"must be a port number 1..65535, got {v}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else f"must be greater than 0, got {v}"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else f"must be 0 or more, got {v}"
+
+
+def _duration(v: str) -> str | None:
+    try:
+        parse_duration(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _http_url(v: str) -> str | None:
+    if v == "":
+        return None
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected an http:// or https:// URL, got {v!r}"
+    return None
+
+
+def _identifier(v: str) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) else f"expected a plain identifier, got {v!r}"
+
+
+def _non_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _log_level(v: str) -> str | None:
+    ok = ("DEBUG", "INFO", "WARNING", "ERROR")
+    return None if v.upper() in ok else f"must be one of {', '.join(ok)}, got {v!r}"
+
+
+def _setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where telemetry is stored and how it is written."""
+
+    data_dir: str = _setting("./stethoscope-data", "Embedded chDB data directory.", _non_empty)
+    clickhouse_url: str = _setting(
+        "", "ClickHouse server HTTP URL (http://user:password@host:8123); empty means the embedded chDB store.", _http_url
+    )
+    database: str = _setting("stethoscope", "Database holding every table.", _identifier)
+    cluster: str = _setting("", "ClickHouse cluster for ON CLUSTER DDL (server backend only).")
+    engine: str = _setting("", "Table engine replacing MergeTree, e.g. ReplicatedMergeTree on a cluster.")
+    ttl: str = _setting("0", "How long rows are kept (30d, 12h, ...); 0 keeps them forever.", _duration)
+    batch_rows: int = _setting(10_000, "Insert as soon as this many rows are waiting.", _positive)
+    flush_interval: str = _setting("200ms", "Longest time a row waits before its batch is inserted.", _duration)
+    queue_max_rows: int = _setting(
+        2_000_000, "Rows held in memory before receivers answer 503 (backpressure).", _positive
+    )
+    insert_attempts: int = _setting(8, "Attempts per batch before it is reported failed.", _positive)
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    """The OTLP receiver."""
+
+    host: str = _setting("127.0.0.1", "Address the OTLP/HTTP receiver binds to.", _non_empty)
+    otlp_http_port: int = _setting(4318, "OTLP/HTTP port (/v1/metrics, /v1/logs).", _port)
+    max_body_bytes: int = _setting(
+        32 * 1024 * 1024, "Largest request body accepted, before and after decompression.", _positive
+    )
+    request_timeout: str = _setting(
+        "30s", "How long a request waits for its rows to be stored before answering 503.", _duration
+    )
+
+
+@dataclass(frozen=True)
+class SqlConfig:
+    """The ClickHouse-compatible HTTP SQL endpoint."""
+
+    host: str = _setting("127.0.0.1", "Address the SQL endpoint binds to.", _non_empty)
+    port: int = _setting(8123, "SQL endpoint port (ClickHouse HTTP interface).", _port)
+    writable: bool = _setting(False, "Allow INSERT and DDL through the SQL endpoint.")
+    max_body_bytes: int = _setting(64 * 1024 * 1024, "Largest query or insert body accepted.", _positive)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The node agent."""
+
+    endpoint: str = _setting("http://127.0.0.1:4318", "OTLP/HTTP endpoint the agent sends to.", _http_url)
+    interval: str = _setting("10s", "Collection and export interval.", _duration)
+    collectors: tuple[str, ...] = _setting(("host",), "Collectors to run (entry points in stethoscope.collectors).")
+    service_name: str = _setting("stethoscope-agent", "service.name resource attribute.", _non_empty)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    store: StoreConfig = field(default_factory=StoreConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    sql: SqlConfig = field(default_factory=SqlConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    log_level: str = _setting("INFO", "Logging level.", _log_level)
+
+
+_SECTION_TYPES = {"store": StoreConfig, "collector": CollectorConfig, "sql": SqlConfig, "agent": AgentConfig}
+
+
+def _convert(raw: Any, default: Any) -> Any:
+    """Coerce ``raw`` (from TOML, env or flags) to the type of ``default``."""
+    if isinstance(default, bool):
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(raw, str) and raw.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected true or false, got {raw!r}")
+    if isinstance(default, int):
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise ValueError(f"expected an integer, got {raw!r}")
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+    if isinstance(default, tuple):
+        if isinstance(raw, str):
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+        if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            return tuple(raw)
+        raise ValueError(f"expected a list of names, got {raw!r}")
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return str(raw)
+    if not isinstance(raw, str):
+        raise ValueError(f"expected a string, got {raw!r}")
+    return raw
+
+
+def _read_file(path: str | os.PathLike[str], problems: list[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        problems.append(f"config file {path}: not found")
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"config file {path}: not valid TOML: {exc}")
+    except OSError as exc:
+        problems.append(f"config file {path}: cannot be read: {exc.strerror}")
+    return {}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build and validate the configuration.
+
+    ``overrides`` maps ``"section.key"`` (or ``"log_level"``) to values from flags;
+    ``None`` values are ignored so unset flags do not mask lower layers.
+    """
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    layers: list[tuple[str, dict[str, Any]]] = []  # (where, {dotted key: raw})
+
+    if path is not None:
+        data = _read_file(path, problems)
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in _SECTION_TYPES and isinstance(value, dict):
+                known = {f.name for f in dataclasses.fields(_SECTION_TYPES[key])}
+                for sub, v in value.items():
+                    if sub not in known:
+                        problems.append(
+                            f"config file {path}: unknown key {key}.{sub} (known: {', '.join(sorted(known))})"
+                        )
+                    else:
+                        flat[f"{key}.{sub}"] = v
+            elif key == "log_level":
+                flat[key] = value
+            else:
+                problems.append(
+                    f"config file {path}: unknown key {key!r} "
+                    f"(sections: {', '.join(_SECTION_TYPES)}, or log_level)"
+                )
+        layers.append((f"config file {path}", flat))
+
+    env_layer: dict[str, Any] = {}
+    for section, cls in _SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            name = f"{ENV_PREFIX}{section}_{f.name}".upper()
+            if name in environ:
+                env_layer[f"{section}.{f.name}"] = environ[name]
+    if f"{ENV_PREFIX}LOG_LEVEL" in environ:
+        env_layer["log_level"] = environ[f"{ENV_PREFIX}LOG_LEVEL"]
+    layers.append(("env", env_layer))
+    layers.append(("flag", {k: v for k, v in (overrides or {}).items() if v is not None}))
+
+    values: dict[str, dict[str, Any]] = {s: {} for s in _SECTION_TYPES}
+    top: dict[str, Any] = {}
+    for where, layer in layers:
+        for key, raw in layer.items():
+            section, _, name = key.rpartition(".")
+            cls = _SECTION_TYPES.get(section) if section else Config
+            fields_ = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+            if name not in fields_:
+                problems.append(f"{key}: unknown setting")
+                continue
+            f = fields_[name]
+            default = f.default if f.default is not dataclasses.MISSING else None
+            src = where
+            if where == "env":
+                src = "env " + (f"{ENV_PREFIX}{section}_{name}".upper() if section else f"{ENV_PREFIX}LOG_LEVEL")
+            try:
+                value = _convert(raw, default)
+            except ValueError as exc:
+                problems.append(f"{key} ({src}): {exc}")
+                continue
+            check = f.metadata.get("check")
+            msg = check(value) if check else None
+            if msg:
+                problems.append(f"{key} ({src}): {msg}")
+                continue
+            (values[section] if section else top)[name] = value
+
+    if problems:
+        raise ConfigError(problems)
+    cfg = Config(**{s: _SECTION_TYPES[s](**values[s]) for s in _SECTION_TYPES}, **top)
+    cross = _cross_checks(cfg)
+    if cross:
+        raise ConfigError(cross)
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    problems = []
+    if cfg.collector.host == cfg.sql.host and cfg.collector.otlp_http_port == cfg.sql.port:
+        problems.append(
+            f"collector.otlp_http_port and sql.port are both {cfg.sql.port} on {cfg.sql.host}: pick two ports"
+        )
+    if cfg.store.cluster and not cfg.store.clickhouse_url:
+        problems.append("store.cluster needs store.clickhouse_url: the embedded store has no cluster")
+    return problems
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """Every setting as ``(key, env var, default, help)``, for docs and ``--help``."""
+    rows = []
+    for section, cls in _SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            rows.append(
+                (f"{section}.{f.name}", f"{ENV_PREFIX}{section}_{f.name}".upper(), f.default, f.metadata["help"])
+            )
+    rows.append(("log_level", f"{ENV_PREFIX}LOG_LEVEL", "INFO", "Logging level."))
+    return rows
+
+
+def data_path(cfg: Config) -> Path:
+    """The embedded store's data directory as an absolute path."""
+    return Path(cfg.store.data_dir).expanduser().resolve()
