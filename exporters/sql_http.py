@@ -29,11 +29,17 @@ from stethoscope.errors import StoreError
 from .http_common import BaseHandler, BodyError, decompress
 from .store import READ_ONLY_VERBS
 
-__all__ = ["SqlHandler", "first_verb", "split_insert"]
+__all__ = ["SqlHandler", "first_verb", "split_insert", "WRITE_VERBS"]
 
 _COMMENTS = re.compile(r"(--[^\n]*|#[^\n]*|/\*.*?\*/)", re.S)
 _INSERT_FORMAT = re.compile(r"^\s*(INSERT\s+INTO\s+.+?)\s+FORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.I | re.S)
 _TRAILING_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.I)
+
+#: Statements refused up front on a read-only endpoint (with a clear message).
+WRITE_VERBS = frozenset(
+    "INSERT CREATE DROP ALTER TRUNCATE RENAME ATTACH DETACH OPTIMIZE SYSTEM KILL GRANT REVOKE "
+    "SET DELETE UPDATE EXCHANGE UNDROP BACKUP RESTORE MOVE USE CHECK".split()
+)
 
 _STATUS_BY_CODE = {62: 400, 6: 400, 27: 400, 36: 400, 46: 400, 47: 400, 164: 403, 497: 403, 60: 404, 81: 404}
 
@@ -147,8 +153,11 @@ class SqlHandler(BaseHandler):
             self.reply(200, b"Ok.\n")
             return
         verb = first_verb(insert[0] if insert else query)
-        writable = ctx["writable"] and allow_write
-        if verb not in READ_ONLY_VERBS and not writable:
+        # Reads always run under readonly=1, even on a writable endpoint; anything
+        # that is not plainly a read is refused up front unless writes are allowed,
+        # and whatever slips through still meets readonly=1 in the store.
+        writable = ctx["writable"] and allow_write and verb not in READ_ONLY_VERBS
+        if verb in WRITE_VERBS and not writable:
             why = "GET requests are read-only" if ctx["writable"] else "the SQL endpoint is read-only (sql.writable = false)"
             self.metrics.sql_queries.labels(outcome="refused").inc()
             self._error(403, f"Cannot execute {verb or 'this'} query: {why}.", 164, "READONLY")

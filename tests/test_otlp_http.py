@@ -27,7 +27,8 @@ def post(url: str, body: bytes, ctype: str = "application/x-protobuf", headers=N
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, resp.read(), dict(resp.headers)
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), dict(exc.headers)
+        with exc:
+            return exc.code, exc.read(), dict(exc.headers)
 
 
 def sdk_export(svc, fill) -> None:
