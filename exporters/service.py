@@ -63,7 +63,7 @@ class Service:
                 metrics=self.metrics,
             )
             self.ingestor.start()
-            decoder = MetricsDecoder()
+            decoder = MetricsDecoder(cfg.collector.decoder)
             log.info("OTLP metrics decoding: %s", decoder.implementation)
             self.otlp = Listener(
                 (cfg.collector.host, cfg.collector.otlp_http_port),

@@ -99,6 +99,11 @@ def _non_empty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
 
+def _decoder(v: str) -> str | None:
+    ok = ("auto", "native", "python")
+    return None if v in ok else f"must be one of {', '.join(ok)}, got {v!r}"
+
+
 def _log_level(v: str) -> str | None:
     ok = ("DEBUG", "INFO", "WARNING", "ERROR")
     return None if v.upper() in ok else f"must be one of {', '.join(ok)}, got {v!r}"
@@ -139,6 +144,9 @@ class CollectorConfig:
     )
     request_timeout: str = _setting(
         "30s", "How long a request waits for its rows to be stored before answering 503.", _duration
+    )
+    decoder: str = _setting(
+        "auto", "OTLP metrics decoder: native (C kernel), python (its pure-Python twin) or auto.", _decoder
     )
 
 

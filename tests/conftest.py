@@ -41,6 +41,12 @@ def make_service(tmp_path, **settings) -> Service:
     return svc
 
 
+@pytest.fixture(params=["native", "python"])
+def decoder(request) -> str:
+    """Every test that ingests runs with the C kernel and with its pure-Python twin."""
+    return request.param
+
+
 @pytest.fixture
 def service(tmp_path) -> Iterator[Service]:
     """A running in-process ``up`` on free loopback ports, read-only SQL."""

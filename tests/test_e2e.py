@@ -36,13 +36,14 @@ def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60) -> Non
     raise AssertionError("up did not become healthy")
 
 
-@pytest.fixture
-def up(tmp_path):
+@pytest.fixture(params=["0", "1"], ids=["native", "python"])
+def up(tmp_path, request):
     otlp, sql = free_port(), free_port()
     proc = subprocess.Popen(
         _cli("up", "--data-dir", str(tmp_path / "data"), "--otlp-http-port", str(otlp), "--sql-port", str(sql)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env={**os.environ, "STETHOSCOPE_PURE_PYTHON": request.param},
     )
     try:
         _wait_healthy(otlp, proc)

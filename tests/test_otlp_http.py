@@ -18,7 +18,15 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from conftest import otlp_url, sql
+from conftest import make_service, otlp_url, sql
+
+
+@pytest.fixture
+def service(tmp_path, decoder):
+    """Here every test runs twice: with the C decoding kernel and with its Python twin."""
+    svc = make_service(tmp_path, **{"collector.decoder": decoder})
+    yield svc
+    svc.stop()
 
 
 def post(url: str, body: bytes, ctype: str = "application/x-protobuf", headers=None):
@@ -146,8 +154,6 @@ def test_bad_requests_get_a_reason_and_are_counted(service, body, ctype, headers
 
 
 def test_body_over_the_limit_is_refused_before_reading(tmp_path):
-    from conftest import make_service
-
     svc = make_service(tmp_path, **{"collector.max_body_bytes": 1000})
     try:
         status, resp, _ = post(otlp_url(svc), _request(200))

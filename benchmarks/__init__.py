@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.run [NAME ...]``. They report numbers; tests assert behaviour."""
