@@ -16,9 +16,9 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from opentelemetry.metrics import Meter
 
@@ -58,8 +58,13 @@ def _available() -> dict[str, EntryPoint]:
     return found
 
 
-def load_collectors(names: Sequence[str]) -> list[Collector]:
+def load_collectors(
+    names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[Collector]:
     """Build one collector per distinct name, in the order given.
+
+    ``options`` maps a collector name to the keyword arguments its factory
+    takes (for example ``{"dcgm": {"url": "http://127.0.0.1:9400/metrics"}}``).
 
     Raises :class:`~stethoscope.errors.PluginError` if a name is not declared
     in the ``stethoscope.collectors`` group (the message lists the available
@@ -89,7 +94,7 @@ def load_collectors(names: Sequence[str]) -> list[Collector]:
         except Exception as exc:
             raise PluginError(f"collector {name!r}: entry point {ep.value!r} failed to import: {exc}") from exc
         try:
-            collector = factory()
+            collector = factory(**dict((options or {}).get(name, {})))
         except Exception as exc:
             raise PluginError(f"collector {name!r}: {ep.value!r} could not be built: {exc}") from exc
         if not isinstance(collector, Collector):

@@ -171,6 +171,18 @@ class Agent:
             return False
         return bool(collected) and not self._exporter.failed
 
+    def export_once(self) -> bool:
+        """Collect and export exactly once, then shut down; True if the export worked.
+
+        For ``stethoscope agent --once``: shutting down already exports a final
+        collection, so flushing first would send every point twice.
+        """
+        if self._closed:
+            return False
+        self._exporter.failed = False
+        self.shutdown()
+        return self._exporter.exported and not self._exporter.failed
+
     def run_forever(self, stop: threading.Event) -> None:
         """Block until ``stop`` is set (or the thread is interrupted), then shut down.
 
@@ -202,9 +214,11 @@ class _RecordingExporter(OTLPMetricExporter):
     """The SDK reader swallows export results; remember whether one failed."""
 
     failed = False
+    exported = False
 
     def export(self, metrics_data: Any, timeout_millis: float | None = 10_000, **kwargs: Any) -> MetricExportResult:
         result = super().export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        self.exported = True
         if result is not MetricExportResult.SUCCESS:
             self.failed = True
         return result

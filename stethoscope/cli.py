@@ -107,8 +107,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     _setup_logging(cfg.log_level)
     agent = _build_agent(cfg)
     if args.once:
-        ok = agent.flush(30)
-        agent.shutdown()
+        ok = agent.export_once()
         if not ok:
             print(f"stethoscope agent: export to {cfg.agent.endpoint} failed", file=sys.stderr)
         return 0 if ok else 1
