@@ -14,6 +14,7 @@ was built, the twin when it was not or when ``STETHOSCOPE_PURE_PYTHON=1`` is set
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from types import ModuleType
 
@@ -21,6 +22,9 @@ __all__ = ["implementation", "native_available", "PURE_ENV"]
 
 #: Set to ``1`` to force the pure-Python twins everywhere.
 PURE_ENV = "STETHOSCOPE_PURE_PYTHON"
+
+_log = logging.getLogger(__name__)
+_warned = False
 
 
 def native_available() -> bool:
@@ -43,6 +47,13 @@ def implementation(choice: str = "auto") -> ModuleType:
     if choice == "auto":
         choice = "python" if os.environ.get(PURE_ENV, "") not in ("", "0") else "native"
         if choice == "native" and not native_available():
+            global _warned
+            if not _warned:
+                _warned = True
+                _log.warning(
+                    "the C kernels (stethoscope._native) were not built, probably for want of a C "
+                    "compiler at install time; using the slower pure-Python twins"
+                )
             choice = "python"
     if choice == "native":
         return importlib.import_module("stethoscope._native")

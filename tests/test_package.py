@@ -108,3 +108,35 @@ def test_missing_extra_names_it(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", fake)
     with pytest.raises(MissingExtraError, match=r"pip install 'stethoscope\[server\]'"):
         chdb_store.ChdbStore("/nonexistent/never-created")
+
+
+def test_without_the_c_kernels_the_twins_take_over_with_one_warning(monkeypatch, caplog):
+    from stethoscope import native
+
+    monkeypatch.setattr(native, "native_available", lambda: False)
+    monkeypatch.setattr(native, "_warned", False)
+    monkeypatch.delenv(native.PURE_ENV, raising=False)
+    with caplog.at_level("WARNING", logger="stethoscope.native"):
+        first = native.implementation()
+        second = native.implementation()
+    assert first is second and first.__name__ == "stethoscope.native.otlp_rowbinary"
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "C compiler" in caplog.records[0].message
+    with pytest.raises(ImportError):
+        monkeypatch.setattr(native.importlib, "import_module", _refuse_native)
+        native.implementation("native")
+
+
+def _refuse_native(name, *args, **kwargs):
+    if name == "stethoscope._native":
+        raise ImportError("not built")
+    return importlib.__import__(name)
+
+
+def test_pure_python_environment_variable_forces_the_twin(monkeypatch):
+    from stethoscope import native
+
+    monkeypatch.setenv(native.PURE_ENV, "1")
+    assert native.implementation().__name__ == "stethoscope.native.otlp_rowbinary"
+    monkeypatch.setenv(native.PURE_ENV, "0")
+    assert native.implementation().__name__ == "stethoscope._native"
