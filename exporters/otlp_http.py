@@ -27,23 +27,15 @@ _PROTOBUF = "application/x-protobuf"
 _JSON = "application/json"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def encode_status(code: int, message: str) -> bytes:
-    """A ``google.rpc.Status`` message (code, message) in protobuf.
+    r"""A ``google.rpc.Status`` (code, message), serialised as protobuf.
 
     >>> encode_status(3, "bad")
-    b'\\x08\\x03\\x12\\x03bad'
+    b'\x08\x03\x12\x03bad'
     """
-    msg = message.encode("utf-8")
-    return b"\x08" + _varint(code) + b"\x12" + _varint(len(msg)) + msg
+    from google.rpc.status_pb2 import Status
+
+    return Status(code=code, message=message).SerializeToString()
 
 
 # gRPC status codes used in google.rpc.Status
