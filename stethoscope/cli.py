@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Sequence
 
 from . import __version__
-from .config import Config, describe, load_config, parse_duration
+from .config import Config, describe, load_config, parse_duration, reference_markdown
 from .errors import StethoscopeError
 
 __all__ = ["main", "build_parser"]
@@ -143,6 +143,9 @@ def cmd_config(args: argparse.Namespace) -> int:
         load_config(args.config)
         print(f"{args.config or 'defaults'}: ok")
         return 0
+    if args.markdown:
+        print(reference_markdown(), end="")
+        return 0
     width = max(len(k) for k, *_ in describe())
     for key, env, default, help_ in describe():
         print(f"{key:<{width}}  {env}\n{'':<{width}}  default {default!r}: {help_}")
@@ -186,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("config", help="list settings, or check a configuration file")
     cf.add_argument("action", choices=["list", "check"])
     cf.add_argument("--config", help="TOML configuration file to check")
+    cf.add_argument("--markdown", action="store_true", help="print the reference as Markdown")
     cf.set_defaults(func=cmd_config)
     return p
 

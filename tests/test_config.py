@@ -63,3 +63,12 @@ def test_describe_lists_every_setting_with_help():
     assert {"store.data_dir", "collector.otlp_http_port", "sql.port", "sql.writable", "agent.endpoint"} <= keys
     assert all(r[3] for r in rows)
     assert ("sql.port", "STETHOSCOPE_SQL_PORT", 8123) == rows[[r[0] for r in rows].index("sql.port")][:3]
+
+
+def test_configuration_reference_doc_is_current():
+    from pathlib import Path
+
+    from stethoscope.config import reference_markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert doc.read_text() == reference_markdown(), "regenerate: stethoscope config list --markdown > docs/configuration.md"
