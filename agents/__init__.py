@@ -7,13 +7,28 @@ Examples:
 """
 
 from .collector import COLLECTOR_GROUP, Collector, load_collectors
-from .daemon import DEFAULT_ENDPOINT, Agent, AgentSettings
+from .daemon import DEFAULT_ENDPOINT, Agent, AgentSettings, FastHint
+from .delivery import DeliveryStats, Sender, SpoolingExporter
+from .dryrun import DryRunExporter
+from .overhead import Cadence, OverheadBudget, OverheadMeter
+from .spool import Spool, SpoolError, SpoolFullError
 from .host import CPU_MODES, HostCollector
 from .resource import K8S_ENV, build_resource, parse_resource_attributes
 
 __all__ = [
     "Agent",
     "AgentSettings",
+    "Cadence",
+    "DeliveryStats",
+    "DryRunExporter",
+    "FastHint",
+    "OverheadBudget",
+    "OverheadMeter",
+    "Sender",
+    "Spool",
+    "SpoolError",
+    "SpoolFullError",
+    "SpoolingExporter",
     "COLLECTOR_GROUP",
     "CPU_MODES",
     "Collector",

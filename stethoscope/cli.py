@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -45,15 +46,56 @@ def _wait_for_signal(stop: threading.Event, duration: float | None) -> None:
     stop.wait(duration)
 
 
-def _build_agent(cfg: Config, endpoint: str | None = None):
+def _spool_dir(setting: str) -> str | None:
+    if setting.strip().lower() == "none":
+        return None
+    if setting:
+        return os.path.expanduser(setting)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "/var/lib/stethoscope/spool"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "stethoscope", "spool")
+
+
+def _collector_options(cfg: Config) -> dict[str, dict]:
+    a = cfg.agent
+    return {
+        "dcgm": {"url": a.dcgm_url},
+        "simulate": {"gpus": a.simulate_gpus or 8},
+        "gpu": {"dcgm_url": a.dcgm_url, "simulate_gpus": a.simulate_gpus},
+        "scrape": {"targets": a.scrape_targets},
+    }
+
+
+def _build_agent(cfg: Config, endpoint: str | None = None, *, in_process: bool = False, dry_run=None):
     from .agents import Agent, build_resource, load_collectors
 
-    return Agent(
-        endpoint=endpoint or cfg.agent.endpoint,
-        interval_s=parse_duration(cfg.agent.interval),
-        collectors=load_collectors(cfg.agent.collectors),
-        resource=build_resource(cfg.agent.service_name),
+    a = cfg.agent
+    readers = []
+    exposition = None
+    if a.prometheus_port and not in_process and dry_run is None:
+        from .agents.prometheus import PrometheusExposition
+
+        exposition = PrometheusExposition(host=a.prometheus_host, port=a.prometheus_port)
+        readers.append(exposition.reader)
+    agent = Agent(
+        endpoint=endpoint or a.endpoint,
+        interval_s=parse_duration(a.interval),
+        fast_interval_s=parse_duration(a.fast_interval),
+        fast_hold_s=parse_duration(a.fast_hold),
+        collectors=load_collectors(a.collectors, _collector_options(cfg)),
+        resource=build_resource(a.service_name),
+        spool_dir=None if dry_run is not None else _spool_dir(a.spool_dir),
+        spool_max_bytes=a.spool_max_bytes,
+        # In-process with `up`, the process's CPU and memory are mostly chDB's: no budget.
+        cpu_budget=None if in_process or not a.cpu_budget else a.cpu_budget,
+        rss_budget_bytes=None if in_process or not a.rss_budget_bytes else a.rss_budget_bytes,
+        retry_max_s=parse_duration(a.retry_max),
+        gzip=a.gzip,
+        extra_readers=readers,
+        dry_run=dry_run,
     )
+    return agent, exposition
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -79,7 +121,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         if args.with_agent:
             endpoint = f"http://{cfg.collector.host}:{cfg.collector.otlp_http_port}"
-            agent = _build_agent(cfg, endpoint)
+            agent, _ = _build_agent(cfg, endpoint, in_process=True)
             agent.start()
             log.info("host agent running in-process, sending to %s every %s", endpoint, cfg.agent.interval)
         print(
@@ -96,21 +138,36 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    if args.dry_run and not args.once:
+        print("stethoscope agent: --dry-run needs --once", file=sys.stderr)
+        return 2
     cfg = _config(
         args,
         {
             "agent.endpoint": args.endpoint,
             "agent.interval": args.interval,
+            "agent.fast_interval": args.fast_interval,
             "agent.collectors": args.collectors,
+            "agent.spool_dir": "none" if args.no_spool else args.spool_dir,
+            "agent.dcgm_url": args.dcgm_url,
+            "agent.simulate_gpus": args.simulate_gpus,
+            "agent.prometheus_port": args.prometheus_port,
         },
     )
     _setup_logging(cfg.log_level)
-    agent = _build_agent(cfg)
+    agent, exposition = _build_agent(cfg, dry_run=sys.stdout if args.dry_run else None)
     if args.once:
         ok = agent.export_once()
         if not ok:
-            print(f"stethoscope agent: export to {cfg.agent.endpoint} failed", file=sys.stderr)
+            print(
+                f"stethoscope agent: not delivered to {cfg.agent.endpoint} in time"
+                + ("; kept in the spool for the next run" if agent.spool is not None else ""),
+                file=sys.stderr,
+            )
         return 0 if ok else 1
+    if exposition is not None:
+        exposition.start()
+        log.info("Prometheus metrics on http://%s:%d/metrics", cfg.agent.prometheus_host, cfg.agent.prometheus_port)
     agent.start()
     log.info("agent sending to %s every %s", cfg.agent.endpoint, cfg.agent.interval)
     stop = threading.Event()
@@ -118,6 +175,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         _wait_for_signal(stop, args.duration)
     finally:
         agent.shutdown()
+        if exposition is not None:
+            exposition.close()
     return 0
 
 
@@ -175,7 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--endpoint", help="OTLP/HTTP endpoint (default http://127.0.0.1:4318)")
     ag.add_argument("--interval", help="collection interval, e.g. 10s")
     ag.add_argument("--collectors", help="comma-separated collectors (default host)")
+    ag.add_argument("--fast-interval", help="interval while signals change quickly, e.g. 1s")
+    ag.add_argument("--spool-dir", help="durable spool directory")
+    ag.add_argument("--no-spool", action="store_true", help="send without a durable spool")
+    ag.add_argument("--dcgm-url", help="dcgm-exporter endpoint (default http://127.0.0.1:9400/metrics)")
+    ag.add_argument("--simulate-gpus", type=int, help="simulate this many GPUs (series marked simulated)")
+    ag.add_argument("--prometheus-port", type=int, help="port of the agent's own /metrics (0 turns it off)")
     ag.add_argument("--once", action="store_true", help="collect and send once, then exit")
+    ag.add_argument("--dry-run", action="store_true", help="with --once: print the collection as JSON lines, send nothing")
     ag.add_argument("--duration", type=float, help="stop after this many seconds")
     ag.set_defaults(func=cmd_agent)
 

@@ -169,18 +169,27 @@ class AgentConfig:
     fast_interval: str = _setting(
         "1s", "Interval used while a signal changes quickly or a collector asks for it.", _duration
     )
+    fast_hold: str = _setting("60s", "How long the fast interval lasts after the last request for it.", _duration)
     collectors: tuple[str, ...] = _setting(
         ("host",), "Collectors to run (entry points in stethoscope.collectors)."
     )
     service_name: str = _setting("stethoscope-agent", "service.name resource attribute.", _non_empty)
     spool_dir: str = _setting(
-        "", "Durable spool directory; empty picks /var/lib/stethoscope/spool as root, else ~/.local/state/stethoscope/spool."
+        "",
+        "Durable spool directory; empty picks /var/lib/stethoscope/spool as root, else "
+        "~/.local/state/stethoscope/spool; none sends without a spool.",
     )
     spool_max_bytes: int = _setting(
         256 * 1024 * 1024, "Spool size limit; when full the oldest data is dropped and counted.", _positive
     )
-    cpu_budget: float = _setting(0.01, "Most of one core the agent may use before it backs off (0.01 = 1%).", _positive)
-    rss_budget_bytes: int = _setting(60 * 1024 * 1024, "Most resident memory the agent may use before it backs off.", _positive)
+    cpu_budget: float = _setting(
+        0.01, "Most of one core the agent may use before it backs off (0.01 = 1%); 0 turns the check off.", _non_negative
+    )
+    rss_budget_bytes: int = _setting(
+        60 * 1024 * 1024, "Most resident memory the agent may use before it backs off; 0 turns the check off.", _non_negative
+    )
+    retry_max: str = _setting("30s", "Longest wait between delivery retries while the collector is down.", _duration)
+    gzip: bool = _setting(False, "Compress OTLP requests with gzip.")
     dcgm_url: str = _setting("http://127.0.0.1:9400/metrics", "dcgm-exporter endpoint, used when NVML is absent.", _http_url)
     simulate_gpus: int = _setting(0, "Simulate this many GPUs instead of reading real ones (marked simulated).", _non_negative)
     scrape_targets: tuple[str, ...] = _setting(

@@ -9,7 +9,9 @@
     ├── SchemaError            DDL or a migration failed
     ├── StoreError             the store could not run a query or insert
     │   └── StoreUnavailable   the store cannot be reached right now (retryable)
-    └── DecodeError            an incoming payload is malformed (4xx for receivers)
+    ├── DecodeError            an incoming payload is malformed (4xx for receivers)
+    └── SpoolError             the agent's on-disk spool failed (agents/spool.py)
+        └── SpoolFullError     the disk under the spool is full; the record was not stored
 
 Third-party errors are translated at the boundary with ``raise ... from exc`` so
 callers only ever need to catch these.

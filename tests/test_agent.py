@@ -380,7 +380,9 @@ def test_flush_exports_otlp_protobuf(sink: OtlpSink) -> None:
         assert attrs["host.name"] == build_resource(environ={}).attributes["host.name"]
         assert attrs["service.name"] == "stethoscope-agent"
         assert attrs["k8s.node.name"] == "gpu-node-1"
-        (sm,) = rm.scope_metrics
+        scopes = {sm.scope.name: sm for sm in rm.scope_metrics}
+        assert set(scopes) == {"stethoscope.agents.host", "stethoscope.agent"}  # the agent reports on itself
+        sm = scopes["stethoscope.agents.host"]
         assert sm.scope.name == "stethoscope.agents.host"
         metrics = {m.name: m for m in sm.metrics}
         cpu = metrics["system.cpu.time"]

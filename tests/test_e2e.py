@@ -64,7 +64,8 @@ def test_agent_to_clickhouse_connect(up):
     otlp, sql, proc = up
     env = {**os.environ, "K8S_NODE_NAME": "gpu-node-3", "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=test"}
     agent = subprocess.run(
-        _cli("agent", "--endpoint", f"http://127.0.0.1:{otlp}", "--once"), env=env, capture_output=True, timeout=120
+        _cli("agent", "--endpoint", f"http://127.0.0.1:{otlp}", "--once", "--no-spool"),
+        env=env, capture_output=True, timeout=120,
     )
     assert agent.returncode == 0, agent.stderr.decode()
 
@@ -105,7 +106,7 @@ def test_up_stops_cleanly_and_keeps_data(tmp_path):
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_healthy(otlp, proc)
-        agent = subprocess.run(_cli("agent", "--endpoint", f"http://127.0.0.1:{otlp}", "--once"),
+        agent = subprocess.run(_cli("agent", "--endpoint", f"http://127.0.0.1:{otlp}", "--once", "--no-spool"),
                                capture_output=True, timeout=120)
         assert agent.returncode == 0, agent.stderr.decode()
         proc.send_signal(signal.SIGTERM)
@@ -157,7 +158,32 @@ def test_sql_command_reports_unreachable_endpoint():
     assert out.returncode == 2 and b"is `stethoscope up` running?" in out.stderr
 
 
-def test_agent_once_fails_when_nobody_listens():
-    out = subprocess.run(_cli("agent", "--endpoint", f"http://127.0.0.1:{free_port()}", "--once"),
+def test_agent_once_keeps_what_it_could_not_send(tmp_path):
+    spool = tmp_path / "spool"
+    args = ("agent", "--once", "--spool-dir", str(spool), "--interval", "1s")
+    out = subprocess.run(_cli(*args, "--endpoint", f"http://127.0.0.1:{free_port()}"), capture_output=True, timeout=120)
+    assert out.returncode == 1 and b"kept in the spool" in out.stderr
+    # the next run, with a collector listening, delivers the spooled cycle and its own
+    otlp, sql = free_port(), free_port()
+    up = subprocess.Popen(_cli("up", "--data-dir", str(tmp_path / "d"), "--otlp-http-port", str(otlp), "--sql-port", str(sql)),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_healthy(otlp, up)
+        out = subprocess.run(_cli(*args, "--endpoint", f"http://127.0.0.1:{otlp}"), capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr.decode()
+        q = subprocess.run(_cli("sql", "SELECT count() FROM otel_metrics_gauge WHERE MetricName = 'system.cpu.load_average.1m'",
+                                "--url", f"http://127.0.0.1:{sql}"), capture_output=True, timeout=60)
+        assert q.stdout == b"2\n"
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
+        up.stdout.close()
+        up.stderr.close()
+
+
+def test_agent_dry_run_prints_json_lines_and_sends_nothing(tmp_path):
+    out = subprocess.run(_cli("agent", "--once", "--dry-run", "--endpoint", f"http://127.0.0.1:{free_port()}"),
                          capture_output=True, timeout=120)
-    assert out.returncode == 1 and b"failed" in out.stderr
+    assert out.returncode == 0, out.stderr.decode()
+    records = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    assert any(r.get("metric") == "system.cpu.time" for r in records)
