@@ -11,6 +11,8 @@ from .daemon import DEFAULT_ENDPOINT, Agent, AgentSettings, FastHint
 from .delivery import DeliveryStats, Sender, SpoolingExporter
 from .dryrun import DryRunExporter
 from .overhead import Cadence, OverheadBudget, OverheadMeter
+from .prometheus import PrometheusExposition
+from .scrape import PrometheusScrapeCollector
 from .spool import Spool, SpoolError, SpoolFullError
 from .host import CPU_MODES, HostCollector
 from .resource import K8S_ENV, build_resource, parse_resource_attributes
@@ -24,6 +26,8 @@ __all__ = [
     "FastHint",
     "OverheadBudget",
     "OverheadMeter",
+    "PrometheusExposition",
+    "PrometheusScrapeCollector",
     "Sender",
     "Spool",
     "SpoolError",

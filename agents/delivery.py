@@ -350,10 +350,10 @@ class Sender:
             self._requests += 1
         last_seq = batch[-1][0]
         if status is not None and 200 <= status < 300:
-            self._acknowledge(last_seq)
-            with self._stats_lock:
+            with self._stats_lock:  # count before the ack wakes anyone waiting for the drain
                 self._sent_records += len(batch)
                 self._sent_bytes += len(wire)
+            self._acknowledge(last_seq)
             self._attempt = self._failures_at_head = 0
             if self._outage_logged:
                 _log.info("delivery to %s recovered", self.url)
@@ -389,11 +389,11 @@ class Sender:
         seq, data = record
         reason = f"http_{status}"
         points = _count_encoded_points(data)
-        self._acknowledge(seq)
-        self._failures_at_head = 0
-        with self._stats_lock:
+        with self._stats_lock:  # count before the ack wakes anyone waiting for the drain
             self._dropped[reason] = self._dropped.get(reason, 0) + 1
             self._dropped_points[reason] = self._dropped_points.get(reason, 0) + points
+        self._acknowledge(seq)
+        self._failures_at_head = 0
         if reason not in self._logged:
             self._logged.add(reason)
             _log.warning(

@@ -5,6 +5,21 @@ system metrics, as the Collector's ``hostmetrics`` receiver emits them, so the
 same dashboards work whichever agent a node runs. CPU figures are aggregated
 over all logical CPUs.
 
+On Linux it also reads ``/proc`` directly (the root is injectable, for tests
+and for agents that see the host's ``/proc`` elsewhere):
+
+* ``system.pressure.stall``: pressure stall information from
+  ``pressure/{cpu,memory,io}``, the ``total=`` microseconds as seconds, by
+  ``system.pressure.resource`` and ``system.pressure.scope`` (``some``,
+  ``full``); created only where the kernel has PSI, and a resource whose file
+  is missing or unreadable (PSI disabled at boot) is skipped silently;
+* ``system.filesystem.fd.allocated`` and ``system.filesystem.fd.max`` from
+  ``sys/fs/file-nr``, and ``process.unix.file_descriptor.count``: the agent's
+  own open descriptors (``self/fd``).
+
+``system.disk.operation_time`` (seconds spent on reads and writes, by device
+and direction) comes from psutil on every platform.
+
 Every callback reads its source when the SDK collects and never raises: a
 failing source is logged once (WARNING) and its points are dropped; the number
 of drops per source is in :attr:`HostCollector.dropped`.
@@ -28,15 +43,17 @@ Examples:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import psutil
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-__all__ = ["HostCollector", "CPU_MODES"]
+__all__ = ["HostCollector", "CPU_MODES", "PRESSURE_RESOURCES"]
 
 _log = logging.getLogger(__name__)
 
@@ -58,6 +75,9 @@ inside ``user`` and ``nice``, so reporting them would count that time twice and
 push the utilization sum above 1.
 """
 
+PRESSURE_RESOURCES = ("cpu", "memory", "io")
+"""The ``/proc/pressure`` files read, as ``system.pressure.resource`` values."""
+
 # Filesystems that hold no user data; psutil's physical-only listing already
 # drops most "nodev" ones on Linux, this catches the rest on any platform.
 _PSEUDO_FS = frozenset(
@@ -78,6 +98,22 @@ def _cpu_modes(times: Any) -> dict[str, float]:
     return modes
 
 
+def _pressure_totals(text: str) -> dict[str, float]:
+    """``some``/``full`` -> stalled seconds, from one ``/proc/pressure`` file.
+
+    >>> _pressure_totals("some avg10=0.00 avg60=0.00 avg300=0.00 total=1500000\\nfull total=250")
+    {'some': 1.5, 'full': 0.00025}
+    """
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        scope, *fields = line.split() or [""]
+        for item in fields:
+            key, _, value = item.partition("=")
+            if key == "total" and scope in ("some", "full"):
+                totals[scope] = int(value) / 1e6
+    return totals
+
+
 def _memory_states(vm: Any) -> dict[str, int]:
     """States that partition total memory (their sum is the total on Linux)."""
     buffers = getattr(vm, "buffers", None)
@@ -89,17 +125,19 @@ def _memory_states(vm: Any) -> dict[str, int]:
 
 
 class HostCollector:
-    """Host metrics from psutil; registered as the ``host`` collector.
+    """Host metrics from psutil and ``/proc``; registered as the ``host`` collector.
 
-    Built with no arguments. :meth:`register` creates the observable
-    instruments; :attr:`dropped` maps a source name (``cpu``, ``load``,
-    ``memory``, ``disk``, ``network``, ``filesystem``) to how many times reading
-    it failed.
+    Built with no arguments; ``proc_root`` points at another ``/proc`` (a fake
+    one in tests, the host's in a container that mounts it). :meth:`register`
+    creates the observable instruments; :attr:`dropped` maps a source name
+    (``cpu``, ``load``, ``memory``, ``disk``, ``network``, ``filesystem``,
+    ``pressure``, ``fd``) to how many times reading it failed.
     """
 
     name = "host"
 
-    def __init__(self) -> None:
+    def __init__(self, *, proc_root: str | os.PathLike[str] = "/proc") -> None:
+        self._proc = Path(proc_root)
         self._lock = threading.Lock()
         self._dropped: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -174,12 +212,33 @@ class HostCollector:
         for window, index in (("1m", 0), ("5m", 1), ("15m", 2)):
             instruments.append((gauge, f"system.cpu.load_average.{window}", "{thread}",
                                 f"Load average over {window}.", g("load", self._load(index))))
+        instruments.append((counter, "system.disk.operation_time", "s",
+                            "Time spent on disk operations, by direction (sums over parallel requests).",
+                            g("disk", self._disk_operation_time)))
         if sys.platform.startswith("linux"):
             instruments.append((updown, "system.memory.linux.available", "By",
                                 "Memory available for new work without swapping (MemAvailable).",
                                 g("memory", self._memory_available)))
+        instruments.extend(self._proc_instruments(counter, updown))
         for create, name, unit, description, callback in instruments:
             create(name, callbacks=[callback], unit=unit, description=description)
+
+    def _proc_instruments(self, counter: Any, updown: Any) -> list[tuple[Any, str, str, str, Any]]:
+        """Instruments read straight from ``/proc``, for the files this kernel has."""
+        g, out = self._guard, []
+        if (self._proc / "pressure").is_dir():
+            out.append((counter, "system.pressure.stall", "s",
+                        "Time some or all non-idle tasks were stalled on a resource (PSI total).",
+                        g("pressure", self._pressure)))
+        if (self._proc / "sys" / "fs" / "file-nr").is_file():
+            out.append((updown, "system.filesystem.fd.allocated", "{file}", "File handles allocated, host-wide.",
+                        g("fd", self._file_nr(0))))
+            out.append((updown, "system.filesystem.fd.max", "{file}", "Most file handles the kernel allocates.",
+                        g("fd", self._file_nr(2))))
+        if (self._proc / "self" / "fd").is_dir():
+            out.append((updown, "process.unix.file_descriptor.count", "{file_descriptor}",
+                        "File descriptors the agent process holds open.", g("fd", self._own_fds)))
+        return out
 
     # -- sources ----------------------------------------------------------------
 
@@ -236,6 +295,33 @@ class HostCollector:
             busy_ms = getattr(c, "busy_time", None)  # Linux and FreeBSD only
             if busy_ms is not None:
                 yield Observation(busy_ms / 1000.0, {"system.device": device})
+
+    def _disk_operation_time(self) -> Iterable[Observation]:
+        for device, c in (psutil.disk_io_counters(perdisk=True) or {}).items():
+            for direction, field in (("read", "read_time"), ("write", "write_time")):
+                ms = getattr(c, field, None)
+                if ms is not None:
+                    yield Observation(ms / 1000.0, {"system.device": device, "disk.io.direction": direction})
+
+    def _pressure(self) -> Iterable[Observation]:
+        for resource in PRESSURE_RESOURCES:
+            try:
+                text = (self._proc / "pressure" / resource).read_text()
+            except OSError:
+                continue  # this resource is missing, or PSI is off (psi=0): nothing to report
+            for scope, seconds in _pressure_totals(text).items():
+                yield Observation(seconds, {"system.pressure.resource": resource, "system.pressure.scope": scope})
+
+    def _file_nr(self, index: int) -> _Read:
+        def read() -> Iterable[Observation]:
+            fields = (self._proc / "sys" / "fs" / "file-nr").read_text().split()
+            return [Observation(int(fields[index]))]
+
+        return read
+
+    def _own_fds(self) -> Iterable[Observation]:
+        # counts the descriptor the listing itself holds, as psutil's num_fds() does
+        return [Observation(len(os.listdir(self._proc / "self" / "fd")))]
 
     def _net(self, fields: tuple[str, str]) -> _Read:
         def read() -> Iterable[Observation]:

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    commands = re.findall(r"```sh\n(python3 -m venv[^\n]+)\n```", readme)
+    commands = re.findall(r"```sh\n((?:sh scripts/system-deps.sh && )?python3 -m venv[^\n]+)\n```", readme)
     assert len(commands) == 2, commands
     main_job, test_cmd = commands
     assert "stethoscope up" in main_job and "pytest" in test_cmd
