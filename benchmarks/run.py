@@ -7,7 +7,7 @@ import importlib
 import platform
 import sys
 
-BENCHMARKS = {"ingest": "benchmarks.ingest"}
+BENCHMARKS = {"ingest": "benchmarks.ingest", "agent": "benchmarks.agent"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,7 @@ def _collector_options(cfg: Config) -> dict[str, dict]:
         "dcgm": {"url": a.dcgm_url},
         "simulate": {"gpus": a.simulate_gpus or 8},
         "gpu": {"dcgm_url": a.dcgm_url, "simulate_gpus": a.simulate_gpus},
+        "nvml": {},
         "scrape": {"targets": a.scrape_targets},
     }
 

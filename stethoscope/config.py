@@ -171,7 +171,9 @@ class AgentConfig:
     )
     fast_hold: str = _setting("60s", "How long the fast interval lasts after the last request for it.", _duration)
     collectors: tuple[str, ...] = _setting(
-        ("host",), "Collectors to run (entry points in stethoscope.collectors)."
+        ("host", "gpu"),
+        "Collectors to run (entry points in stethoscope.collectors); gpu picks the simulator, NVML, "
+        "dcgm-exporter or nothing, in that order.",
     )
     service_name: str = _setting("stethoscope-agent", "service.name resource attribute.", _non_empty)
     spool_dir: str = _setting(

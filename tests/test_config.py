@@ -12,7 +12,7 @@ def test_defaults():
     cfg = load_config(environ={})
     assert (cfg.collector.host, cfg.collector.otlp_http_port, cfg.sql.port) == ("127.0.0.1", 4318, 8123)
     assert cfg.store.data_dir == "./stethoscope-data" and cfg.sql.writable is False
-    assert cfg.agent.endpoint == "http://127.0.0.1:4318" and cfg.agent.collectors == ("host",)
+    assert cfg.agent.endpoint == "http://127.0.0.1:4318" and cfg.agent.collectors == ("host", "gpu")
 
 
 def test_file_then_env_then_flags(tmp_path):

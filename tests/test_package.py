@@ -23,7 +23,7 @@ def all_modules() -> list[str]:
     for sub in SUBPACKAGES:
         pkg = importlib.import_module(f"stethoscope.{sub}")
         names.append(pkg.__name__)
-        names += [i.name for i in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + ".")]
+        names += [i.name for i in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
     return sorted(n for n in set(names) if not n.endswith("__main__") and n != "stethoscope._native")
 
 
