@@ -186,3 +186,31 @@ def test_bad_configuration_lists_every_problem():
     assert len(info.value.problems) == 5
     with pytest.raises(ConfigError, match="gpus"):
         SimulatedGpuCollector(gpus=0)
+
+
+def test_a_thermal_incident_asks_the_agent_to_collect_fast():
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from stethoscope.agents.gpu.detect import GpuCollector
+    from stethoscope.agents.gpu.simulate import SimulatedGpuCollector, ThermalThrottle
+
+    now = [0.0]
+    sim = SimulatedGpuCollector(gpus=2, incidents=(ThermalThrottle(gpu=1, start_s=300, duration_s=300),),
+                                clock=lambda: now[0])
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        sim.register(provider.get_meter("t"))
+        seen = []
+        for t in (10, 20, 30, 40, 190, 200, 210, 220, 230, 310, 320, 330, 340):
+            now[0] = float(t)
+            reader.get_metrics_data()
+            seen.append(sim.wants_fast())
+        assert any(seen[:4])  # the job starting: memory fills, utilization jumps
+        assert seen[5:9] == [False] * 4  # steady training load: base interval
+        assert any(seen[9:])  # the GPU heats past 85 °C: collect fast
+    finally:
+        provider.shutdown()
+        sim.close()
+    assert GpuCollector(simulate_gpus=0).wants_fast() is False  # undecided source: no hint

@@ -269,6 +269,10 @@ class DcgmCollector:
         self._meter = meter
         register_instruments(meter, self._cache.get)
 
+    def wants_fast(self) -> bool:
+        """True while a GPU signal moves fast; the agent then collects at its fast interval."""
+        return self._cache.moving
+
     def close(self) -> None:
         """Stop serving points; idempotent."""
         self._closed = True

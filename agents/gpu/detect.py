@@ -126,6 +126,12 @@ class GpuCollector:
         self.detection = detection
         _log.info("%s", detection.line())
 
+    def wants_fast(self) -> bool:
+        """The chosen source's :meth:`wants_fast` (False with no source)."""
+        inner = self.detection.collector if self.detection is not None else None
+        hint = getattr(inner, "wants_fast", None)
+        return bool(hint()) if hint is not None else False
+
     def close(self) -> None:
         """Close the chosen collector; idempotent."""
         if self.detection is not None and self.detection.collector is not None:

@@ -238,8 +238,53 @@ class Readings:
         return list(self._points)
 
 
+#: How far a signal must move between two snapshots for the agent to collect fast:
+#: (metric, absolute change). Memory is judged as a share of the GPU's total.
+FAST_THRESHOLDS: tuple[tuple[str, float], ...] = (
+    ("gpu.temperature", 3.0),
+    ("gpu.utilization", 0.3),
+    ("gpu.power.draw", 100.0),
+    ("gpu.throttle", 0.5),
+    ("gpu.xid.last", 0.5),
+)
+FAST_MEMORY_SHARE = 0.02
+
+
+def _key(attributes) -> tuple:
+    return tuple(sorted((attributes or {}).items()))
+
+
+def moving(previous: Readings | None, current: Readings) -> bool:
+    """Whether a GPU signal moved fast enough between two snapshots to sample faster.
+
+    >>> a, b = Readings(), Readings()
+    >>> a.add("gpu.temperature", 60.0, {"gpu.index": "0"})
+    >>> b.add("gpu.temperature", 64.5, {"gpu.index": "0"})
+    >>> moving(a, b), moving(a, a), moving(None, b)
+    (True, False, False)
+    """
+    if previous is None:
+        return False
+    for name, threshold in FAST_THRESHOLDS:
+        before = {_key(o.attributes): o.value for o in previous.get(name)}
+        for o in current.get(name):
+            old = before.get(_key(o.attributes))
+            if old is not None and abs(o.value - old) >= threshold:
+                return True
+    totals = {(o.attributes or {}).get(GPU_UUID): o.value for o in current.get("gpu.memory.total")}
+    before = {_key(o.attributes): o.value for o in previous.get("gpu.memory.used")}
+    for o in current.get("gpu.memory.used"):
+        old, total = before.get(_key(o.attributes)), totals.get((o.attributes or {}).get(GPU_UUID))
+        if old is not None and total and abs(o.value - old) >= FAST_MEMORY_SHARE * total:
+            return True
+    return False
+
+
 class SnapshotCache:
     """Reads a source at most once per ``max_age_s``, so each instrument callback is O(1).
+
+    After each fresh read, :attr:`moving` says whether a signal moved fast since the
+    previous read (see :func:`moving`); collectors turn it into ``wants_fast()``.
 
     ``read`` must not raise; the age runs from the end of the last read, so a slow
     read is not repeated within one collection cycle.
@@ -256,14 +301,19 @@ class SnapshotCache:
         self._lock = threading.Lock()
         self._snapshot: Readings | None = None
         self._taken_at = 0.0
+        self.moving = False
 
     def get(self) -> Readings:
         """The current snapshot, refreshed when older than ``max_age_s``."""
         with self._lock:
             age = self._clock() - self._taken_at
             if self._snapshot is None or not 0 <= age < self._max_age_s:  # stale, or the clock went back
-                self._snapshot = self._read()
+                previous, self._snapshot = self._snapshot, self._read()
                 self._taken_at = self._clock()
+                try:
+                    self.moving = moving(previous, self._snapshot)
+                except (TypeError, ValueError):  # a malformed reading must not break collection
+                    self.moving = False
             return self._snapshot
 
     def clear(self) -> None:

@@ -234,6 +234,10 @@ class NvmlCollector:
         self._start_xid_watch()
         register_instruments(meter, self._cache.get)
 
+    def wants_fast(self) -> bool:
+        """True while a GPU signal moves fast; the agent then collects at its fast interval."""
+        return self._cache.moving
+
     def close(self) -> None:
         """Stop the XID watcher, free NVML resources and shut NVML down; idempotent."""
         self._stop.set()

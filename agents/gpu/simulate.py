@@ -214,6 +214,10 @@ class SimulatedGpuCollector:
                 self._start = self._clock()
         register_instruments(meter, self._cache.get)
 
+    def wants_fast(self) -> bool:
+        """True while a GPU signal moves fast; the agent then collects at its fast interval."""
+        return self._cache.moving
+
     def close(self) -> None:
         """Nothing to release; idempotent."""
         self._cache.clear()
