@@ -8,6 +8,7 @@ when they are missing.
 from .chdb_store import ChdbStore
 from .clickhouse_store import ClickHouseStore
 from .ingest import Ingestor, Saturated, Ticket
+from .sampling_config import SamplingConfig
 from .schema import METRIC_TABLES, TABLES, SchemaOptions
 from .service import Service, open_configured_store
 from .store import QueryResult, Store, open_store
@@ -18,6 +19,7 @@ __all__ = [
     "Ingestor",
     "METRIC_TABLES",
     "QueryResult",
+    "SamplingConfig",
     "Saturated",
     "SchemaOptions",
     "Service",

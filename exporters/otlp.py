@@ -1,7 +1,9 @@
 """Decoding OTLP export requests (protobuf or JSON) into RowBinary rows per table.
 
 Metrics go through the native kernel (or its Python twin); logs, a lower-volume
-signal, are encoded here. JSON bodies follow the OTLP/JSON mapping: field names
+signal, are encoded here, and log records that carry sampled model rows or
+labels (:mod:`.samples`) are routed to the ``samples`` and ``labels`` tables
+instead of ``otel_logs``. JSON bodies follow the OTLP/JSON mapping: field names
 in lowerCamelCase, enums as integers, 64-bit integers as strings, and trace and
 span ids as hex (protobuf's JSON mapping would read them as base64, so they are
 converted first).
@@ -13,6 +15,7 @@ import base64
 import json
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from stethoscope._extras import require
@@ -20,9 +23,10 @@ from stethoscope.errors import DecodeError
 from stethoscope.native import implementation
 from stethoscope.native.otlp_rowbinary import any_value_to_str, attr_map, rb_string
 
-from .schema import LOGS_TABLE, METRIC_TABLES
+from .samples import LABEL_EVENT, SAMPLE_EVENT, Rejections, encode_label, encode_sample, event_of
+from .schema import LABELS_TABLE, LOGS_TABLE, METRIC_TABLES, SAMPLES_TABLE
 
-__all__ = ["MetricsDecoder", "decode_logs", "json_to_protobuf", "LOG_COLUMNS", "Part"]
+__all__ = ["MetricsDecoder", "decode_logs", "DecodedLogs", "json_to_protobuf", "LOG_COLUMNS", "Part"]
 
 Part = tuple[str, int, bytes]  # (table, rows, RowBinary)
 
@@ -95,8 +99,37 @@ class MetricsDecoder:
 _pack_Q = struct.Struct("<Q").pack
 
 
-def decode_logs(body: bytes, *, json_body: bool = False) -> tuple[list[Part], int]:
-    """Encode an ``ExportLogsServiceRequest`` as ``otel_logs`` rows (:data:`LOG_COLUMNS`)."""
+@dataclass(frozen=True)
+class DecodedLogs:
+    """What one ``ExportLogsServiceRequest`` became.
+
+    ``parts`` go to the ingestor (``otel_logs``, ``samples``, ``labels``; a table
+    without rows has no part). ``logs``, ``samples`` and ``labels`` count the rows
+    of each; ``rejected`` counts dropped sample and label records by reason
+    (:data:`~.samples.REJECT_REASONS`), and ``rejected_message`` says why, for
+    the OTLP partial-success answer.
+    """
+
+    parts: list[Part] = field(default_factory=list)
+    logs: int = 0
+    samples: int = 0
+    labels: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    rejected_message: str = ""
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+
+def decode_logs(body: bytes, *, json_body: bool = False) -> DecodedLogs:
+    """Route each record of an ``ExportLogsServiceRequest`` to its table.
+
+    Records named ``stethoscope.sample`` or ``stethoscope.label`` (by
+    ``event_name``, or the ``event.name`` attribute) become ``samples`` or
+    ``labels`` rows, or are rejected and counted; every other record becomes an
+    ``otel_logs`` row (:data:`LOG_COLUMNS`), exactly as before those existed.
+    """
     pb = require("opentelemetry.proto.collector.logs.v1.logs_service_pb2", extra="server", feature="OTLP decoding")
     message = require("google.protobuf.message", extra="server", feature="OTLP decoding")
     if json_body:
@@ -106,14 +139,29 @@ def decode_logs(body: bytes, *, json_body: bool = False) -> tuple[list[Part], in
     except (message.DecodeError, RecursionError) as exc:
         raise DecodeError(f"invalid OTLP logs protobuf: {exc}") from exc
     chunks: list[bytes] = []
-    rows = 0
+    samples: list[bytes] = []
+    labels: list[bytes] = []
+    rejections = Rejections()
     for rl in req.resource_logs:
         res_map, res = attr_map(rl.resource.attributes)
         service = res.get(b"service.name", b"")
         for sl in rl.scope_logs:
             sc = sl.scope
-            scope_map, _ = attr_map(sc.attributes)
+            scope_map = None  # encoded on the first ordinary log record of the scope
             for rec in sl.log_records:
+                event = event_of(rec)
+                if event == SAMPLE_EVENT:
+                    row = encode_sample(rec, service, res_map, rejections)
+                    if row is not None:
+                        samples.append(row)
+                    continue
+                if event == LABEL_EVENT:
+                    row = encode_label(rec, service, res_map, rejections)
+                    if row is not None:
+                        labels.append(row)
+                    continue
+                if scope_map is None:
+                    scope_map, _ = attr_map(sc.attributes)
                 ts = rec.time_unix_nano or rec.observed_time_unix_nano
                 log_map, _ = attr_map(rec.attributes)
                 chunks.append(
@@ -134,9 +182,15 @@ def decode_logs(body: bytes, *, json_body: bool = False) -> tuple[list[Part], in
                     + log_map
                     + rb_string(getattr(rec, "event_name", "").encode("utf-8"))
                 )
-                rows += 1
-    if not rows:
-        return [], 0
-    return [(LOGS_TABLE.name, rows, b"".join(chunks))], rows
-
-
+    parts: list[Part] = []
+    for table, rows in ((LOGS_TABLE.name, chunks), (SAMPLES_TABLE.name, samples), (LABELS_TABLE.name, labels)):
+        if rows:
+            parts.append((table, len(rows), b"".join(rows)))
+    return DecodedLogs(
+        parts=parts,
+        logs=len(chunks),
+        samples=len(samples),
+        labels=len(labels),
+        rejected=dict(rejections.counts),
+        rejected_message=rejections.summary(),
+    )

@@ -1,4 +1,4 @@
-"""The OTLP/HTTP receiver: ``POST /v1/metrics`` and ``POST /v1/logs``.
+"""The OTLP/HTTP receiver: ``POST /v1/metrics`` and ``POST /v1/logs``, and ``/v1/sampling``.
 
 Bodies are protobuf (``application/x-protobuf``) or JSON (``application/json``),
 optionally gzip-compressed. A request is answered 200 only once its rows are
@@ -6,20 +6,34 @@ stored. Errors follow the OTLP/HTTP specification: 400 for a malformed body with
 a ``google.rpc.Status`` explaining why, 413 for a body over the limit, 415 for a
 content type or encoding we do not take, and 503 with ``Retry-After`` when the
 store is slow or down, so exporters retry instead of dropping data.
+
+Sampled model rows and labels arrive on ``/v1/logs`` (see :mod:`.samples`). A
+sample or label record that breaks the contract is dropped, the rest of the
+request is stored, and the answer is 200 with OTLP partial success
+(``partial_success.rejected_log_records`` and an ``error_message`` naming the
+reasons), in protobuf or JSON like the request.
+
+The same port serves the sampling configuration the SDKs poll
+(:mod:`.sampling_config`): ``GET /v1/sampling``, ``PUT`` and ``DELETE
+/v1/sampling/<model>/<stream>``. These routes have no authentication yet.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+from urllib.parse import parse_qs, unquote
 
 from stethoscope.errors import DecodeError, StoreError
 
 from .http_common import BaseHandler, BodyError, decompress
 from .ingest import Saturated
-from .otlp import decode_logs
+from .otlp import DecodedLogs, decode_logs
+from .sampling_config import SamplingConfig, etag_matches
+from .selfmetrics import SelfMetrics
 
-__all__ = ["OtlpHandler", "encode_status"]
+__all__ = ["OtlpHandler", "encode_status", "encode_logs_response", "RejectedRecords"]
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +52,73 @@ def encode_status(code: int, message: str) -> bytes:
     return Status(code=code, message=message).SerializeToString()
 
 
+def encode_logs_response(rejected: int, message: str, *, as_json: bool) -> bytes:
+    """An ``ExportLogsServiceResponse``; with ``partial_success`` set when records were rejected.
+
+    >>> encode_logs_response(0, "", as_json=True), encode_logs_response(0, "", as_json=False)
+    (b'{}', b'')
+    >>> encode_logs_response(2, "bad_features: 2", as_json=True)
+    b'{"partialSuccess": {"rejectedLogRecords": "2", "errorMessage": "bad_features: 2"}}'
+    """
+    if not rejected:
+        return b"{}" if as_json else b""
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+
+    resp = ExportLogsServiceResponse()
+    resp.partial_success.rejected_log_records = rejected
+    resp.partial_success.error_message = message
+    if as_json:
+        return json.dumps(json_format.MessageToDict(resp)).encode()
+    return resp.SerializeToString()
+
+
+class RejectedRecords:
+    """Sample and label records dropped since start, by reason (thread-safe).
+
+    Each reason is logged the first time it is seen, then only counted.
+    """
+
+    def __init__(self, metrics: SelfMetrics | None = None) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._metrics = metrics
+
+    def add(self, decoded: DecodedLogs) -> None:
+        with self._lock:
+            for reason, n in decoded.rejected.items():
+                if self._metrics is not None:
+                    self._metrics.samples_rejected.labels(reason=reason).inc(n)
+                first = reason not in self._counts
+                self._counts[reason] = self._counts.get(reason, 0) + n
+                if first:
+                    log.warning("dropping sample/label records (%s), first seen: %s", reason, decoded.rejected_message)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 # gRPC status codes used in google.rpc.Status
 _INVALID_ARGUMENT, _RESOURCE_EXHAUSTED, _UNAVAILABLE = 3, 8, 14
+_SAMPLING = "/v1/sampling"
+_SAMPLING_BODY_LIMIT = 64 * 1024
 
 
 class OtlpHandler(BaseHandler):
     endpoint = "otlp"
 
     def do_GET(self) -> None:
-        if not self.serve_common():
+        if self.path.split("?", 1)[0] == _SAMPLING:
+            self._sampling_get()
+        elif not self.serve_common():
             self.reply(404, b"not found: OTLP takes POST /v1/metrics and POST /v1/logs\n")
+
+    def do_PUT(self) -> None:
+        self._sampling_write()
+
+    def do_DELETE(self) -> None:
+        self._sampling_write()
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -65,10 +136,12 @@ class OtlpHandler(BaseHandler):
         try:
             raw = self.read_body(limit)
             body = decompress(raw, self.headers.get("Content-Encoding", ""), limit)
+            decoded = None
             if signal == "metrics":
                 parts, points = ctx["metrics_decoder"].decode(body, json_body=as_json)
             else:
-                parts, points = decode_logs(body, json_body=as_json)
+                decoded = decode_logs(body, json_body=as_json)
+                parts = decoded.parts
         except BodyError as exc:
             self._refuse(exc.status, exc.reason, str(exc), as_json)
             return
@@ -95,11 +168,86 @@ class OtlpHandler(BaseHandler):
             except StoreError as exc:
                 self._refuse(503, "store_error", f"could not store the data, retry later: {exc}", as_json, retry_after=5)
                 return
-        self.metrics.points_received.labels(signal=signal).inc(points)
-        if as_json:
-            self.reply(200, b"{}", _JSON)
+        if decoded is None:
+            self.metrics.points_received.labels(signal=signal).inc(points)
+            self.reply(200, b"{}" if as_json else b"", _JSON if as_json else _PROTOBUF)
+            return
+        for kind, n in (("logs", decoded.logs), ("samples", decoded.samples), ("labels", decoded.labels)):
+            if n:
+                self.metrics.points_received.labels(signal=kind).inc(n)
+        rejected = decoded.rejected_total
+        if rejected:
+            tally = ctx.get("rejected_records")
+            if tally is not None:
+                tally.add(decoded)
+            message = f"{rejected} sample/label records rejected: {decoded.rejected_message}"
         else:
-            self.reply(200, b"", _PROTOBUF)
+            message = ""
+        body = encode_logs_response(rejected, message, as_json=as_json)
+        self.reply(200, body, _JSON if as_json else _PROTOBUF)
+
+    # --- sampling configuration -------------------------------------------------
+
+    def _sampling(self) -> SamplingConfig | None:
+        cfg = self.server.context.get("sampling")
+        if cfg is None:
+            self._json(404, {"error": "sampling configuration is not served by this collector"})
+        return cfg
+
+    def _json(self, status: int, doc: dict, headers=None) -> None:
+        self.reply(status, json.dumps(doc).encode() + b"\n", _JSON, headers)
+
+    def _sampling_get(self) -> None:
+        cfg = self._sampling()
+        if cfg is None:
+            return
+        query = parse_qs(self.path.partition("?")[2])
+        service = query.get("service", [""])[0]
+        body, etag = cfg.document(service)
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}
+        if etag_matches(self.headers.get("If-None-Match"), etag):
+            self.reply(304, b"", _JSON, headers)
+        else:
+            self.reply(200, body, _JSON, headers)
+
+    def _sampling_write(self) -> None:
+        no_body = "Content-Length" not in self.headers and "Transfer-Encoding" not in self.headers
+        try:  # read first, so a refused request leaves the connection clean
+            body = b"" if self.command == "DELETE" and no_body else self.read_body(_SAMPLING_BODY_LIMIT)
+        except BodyError as exc:
+            self._json(exc.status, {"error": str(exc)})
+            return
+        path = self.path.split("?", 1)[0]
+        if not path.startswith(_SAMPLING + "/"):
+            if path == _SAMPLING:
+                self._json(405, {"error": f"{self.command} takes {_SAMPLING}/<model>/<stream>"}, {"Allow": "GET"})
+            else:
+                self._json(404, {"error": f"no {self.command} route at {path}"})
+            return
+        cfg = self._sampling()
+        if cfg is None:
+            return
+        model_raw, slash, stream_raw = path[len(_SAMPLING) + 1 :].rpartition("/")
+        try:
+            if not slash:
+                raise DecodeError(f"path: must be {_SAMPLING}/<model>/<stream>")
+            model, stream = unquote(model_raw, errors="strict"), unquote(stream_raw, errors="strict")
+            if self.command == "DELETE":
+                if cfg.delete(model, stream):
+                    self.reply(204, b"", _JSON)
+                else:
+                    self._json(404, {"error": f"no active sampling override for {model}/{stream}"})
+                return
+            override = cfg.put(model, stream, body)
+        except UnicodeDecodeError:
+            self._json(400, {"error": "invalid sampling override: path: model and stream must be UTF-8 once percent-decoded"})
+        except DecodeError as exc:
+            self._json(400, {"error": f"invalid sampling override: {exc}"})
+        except StoreError as exc:
+            log.warning("could not store a sampling override at %s: %s", path, exc)
+            self._json(503, {"error": f"could not store the override, retry later: {exc}"}, {"Retry-After": "5"})
+        else:
+            self._json(200, {"stream": override.stream, "version": override.version, **override.as_json()})
 
     def _refuse(self, status: int, reason: str, message: str, as_json: bool, retry_after: int | None = None) -> None:
         self.metrics.rejects.labels(endpoint=self.endpoint, reason=reason).inc()

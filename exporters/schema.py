@@ -6,6 +6,11 @@ can write into the very tables Stethoscope creates. Timestamps are
 ``DateTime64(9)`` everywhere, as in the exporter's original metric schema, so
 sub-second telemetry (per-step training timings) keeps its precision.
 
+Beside them live Stethoscope's own tables: ``samples`` (model rows sampled by
+the in-process SDK), ``labels`` (delayed ground truth, joined to samples on
+``RequestId``) and ``sampling_config`` (the sampling overrides served on
+``/v1/sampling``).
+
 Every statement is idempotent (``IF NOT EXISTS``); changes after the first
 release go in :data:`MIGRATIONS` and are recorded in ``schema_migrations``.
 """
@@ -19,9 +24,14 @@ __all__ = [
     "Migration",
     "TABLES",
     "METRIC_TABLES",
+    "LOGS_TABLE",
+    "SAMPLES_TABLE",
+    "LABELS_TABLE",
+    "SAMPLING_CONFIG_TABLE",
     "MIGRATIONS",
     "SchemaOptions",
     "create_statements",
+    "create_table_statement",
     "ttl_statements",
 ]
 
@@ -208,9 +218,77 @@ MIGRATIONS_TABLE = Table(
     ttl_column="",
 )
 
+_REQUEST_ID_INDEX = "INDEX idx_request_id RequestId TYPE bloom_filter(0.001) GRANULARITY 1"
+
+#: One row per model prediction sampled by the SDK (``event_name = stethoscope.sample``).
+SAMPLES_TABLE = Table(
+    name="samples",
+    columns=(
+        ("Timestamp", "DateTime64(9)", "CODEC(Delta(8), ZSTD(1))"),
+        ("ServiceName", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("Model", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("ModelVersion", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("Stream", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("RequestId", "String", "CODEC(ZSTD(1))"),
+        ("Features", "Array(Float32)", "CODEC(ZSTD(1))"),
+        ("FeatureNames", "Array(LowCardinality(String))", "CODEC(ZSTD(1))"),
+        ("Prediction", "Float64", "CODEC(ZSTD(1))"),
+        ("PredictionLabel", "String", "CODEC(ZSTD(1))"),
+        ("Confidence", "Float64", "CODEC(ZSTD(1))"),
+        ("AdjustedCount", "Float64", "CODEC(ZSTD(1))"),
+        ("SamplingThreshold", "String", "CODEC(ZSTD(1))"),
+        ("Uncertain", "Bool", "CODEC(ZSTD(1))"),
+        ("Attributes", _MAP, "CODEC(ZSTD(1))"),
+        ("ResourceAttributes", _MAP, "CODEC(ZSTD(1))"),
+    ),
+    indexes=(_REQUEST_ID_INDEX,),
+    partition_by="toDate(Timestamp)",
+    order_by="(Model, ModelVersion, Stream, Timestamp)",
+    ttl_column="Timestamp",
+)
+
+#: Ground truth that arrives after the prediction (``event_name = stethoscope.label``).
+LABELS_TABLE = Table(
+    name="labels",
+    columns=(
+        ("Timestamp", "DateTime64(9)", "CODEC(Delta(8), ZSTD(1))"),
+        ("ServiceName", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("Model", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("RequestId", "String", "CODEC(ZSTD(1))"),
+        ("Label", "Float64", "CODEC(ZSTD(1))"),
+        ("LabelText", "String", "CODEC(ZSTD(1))"),
+        ("Attributes", _MAP, "CODEC(ZSTD(1))"),
+        ("ResourceAttributes", _MAP, "CODEC(ZSTD(1))"),
+    ),
+    indexes=(_REQUEST_ID_INDEX,),
+    partition_by="toDate(Timestamp)",
+    order_by="(Model, RequestId, Timestamp)",
+    ttl_column="Timestamp",
+)
+
+#: Sampling overrides per ``<model>/<stream>``; the highest Version of a stream wins.
+SAMPLING_CONFIG_TABLE = Table(
+    name="sampling_config",
+    columns=(
+        ("Stream", "String", ""),
+        ("Settings", "String", ""),
+        ("Version", "UInt64", ""),
+        ("ExpiresAt", "DateTime64(3)", ""),
+        ("UpdatedAt", "DateTime64(3)", ""),
+    ),
+    engine="ReplacingMergeTree(Version)",
+    order_by="Stream",
+    partition_by="",
+    ttl_column="",
+)
+
+#: Every table Stethoscope creates and keeps the TTL of (``schema_migrations`` aside).
 TABLES: dict[str, Table] = {
     **{t.name: t for t in METRIC_TABLES.values()},
     LOGS_TABLE.name: LOGS_TABLE,
+    SAMPLES_TABLE.name: SAMPLES_TABLE,
+    LABELS_TABLE.name: LABELS_TABLE,
+    SAMPLING_CONFIG_TABLE.name: SAMPLING_CONFIG_TABLE,
 }
 
 
@@ -275,33 +353,45 @@ def _nested_groups(columns: tuple[tuple[str, str, str], ...]) -> list[str]:
     return out
 
 
+def create_table_statement(t: Table, opts: SchemaOptions, *, db: str | None = None, on_cluster: str | None = None) -> str:
+    """``CREATE TABLE IF NOT EXISTS`` for one table.
+
+    ``db`` and ``on_cluster`` replace the quoted database and the ``ON CLUSTER``
+    clause of ``opts``; migrations pass ``"{db}"`` and ``"{on_cluster}"`` so the
+    store fills them in when it applies the statement.
+    """
+    db = quote_ident(opts.database) if db is None else db
+    on_cluster = opts.on_cluster() if on_cluster is None else on_cluster
+    body = ",\n    ".join(_nested_groups(t.columns) + list(t.indexes))
+    engine = t.engine
+    if opts.engine and engine == "MergeTree":
+        engine = opts.engine
+    settings = ["index_granularity = 8192"]
+    if t.ttl_column:
+        settings.append("ttl_only_drop_parts = 1")
+    if engine == "MergeTree" and opts.dedup_window > 0:
+        settings.append(f"non_replicated_deduplication_window = {opts.dedup_window}")
+    parts = [
+        f"CREATE TABLE IF NOT EXISTS {db}.{quote_ident(t.name)}{on_cluster} (\n    {body}\n)",
+        f"ENGINE = {engine}()" if "(" not in engine else f"ENGINE = {engine}",
+    ]
+    if t.partition_by:
+        parts.append(f"PARTITION BY {t.partition_by}")
+    if t.primary_key:
+        parts.append(f"PRIMARY KEY {t.primary_key}")
+    parts.append(f"ORDER BY {t.order_by}")
+    if t.ttl_column and opts.ttl_seconds > 0:
+        parts.append(f"TTL {ttl_expr(t.ttl_column, opts.ttl_seconds)}")
+    parts.append("SETTINGS " + ", ".join(settings))
+    return "\n".join(parts)
+
+
 def create_statements(opts: SchemaOptions, tables: list[Table] | None = None) -> list[str]:
     """``CREATE ... IF NOT EXISTS`` statements for the database and ``tables``."""
     db = quote_ident(opts.database)
     stmts = [f"CREATE DATABASE IF NOT EXISTS {db}{opts.on_cluster()}"]
     for t in tables if tables is not None else [MIGRATIONS_TABLE, *TABLES.values()]:
-        body = ",\n    ".join(_nested_groups(t.columns) + list(t.indexes))
-        engine = t.engine
-        if opts.engine and engine == "MergeTree":
-            engine = opts.engine
-        settings = ["index_granularity = 8192"]
-        if t.ttl_column:
-            settings.append("ttl_only_drop_parts = 1")
-        if engine == "MergeTree" and opts.dedup_window > 0:
-            settings.append(f"non_replicated_deduplication_window = {opts.dedup_window}")
-        parts = [
-            f"CREATE TABLE IF NOT EXISTS {db}.{quote_ident(t.name)}{opts.on_cluster()} (\n    {body}\n)",
-            f"ENGINE = {engine}()" if "(" not in engine else f"ENGINE = {engine}",
-        ]
-        if t.partition_by:
-            parts.append(f"PARTITION BY {t.partition_by}")
-        if t.primary_key:
-            parts.append(f"PRIMARY KEY {t.primary_key}")
-        parts.append(f"ORDER BY {t.order_by}")
-        if t.ttl_column and opts.ttl_seconds > 0:
-            parts.append(f"TTL {ttl_expr(t.ttl_column, opts.ttl_seconds)}")
-        parts.append("SETTINGS " + ", ".join(settings))
-        stmts.append("\n".join(parts))
+        stmts.append(create_table_statement(t, opts))
     return stmts
 
 
@@ -335,8 +425,31 @@ class Migration:
     statements: tuple[str, ...]  # may use {db} and {on_cluster}
 
 
+def _migration_ddl(*tables: Table) -> tuple[str, ...]:
+    """CREATE statements with ``{db}``/``{on_cluster}`` placeholders, rendered from
+    the same :class:`Table` as :func:`create_statements`, so both give one table.
+
+    They use the default layout (``MergeTree``, no TTL). :meth:`Store.ensure_schema`
+    runs :func:`create_statements` first, with the configured engine and TTL, so on
+    our stores these find their tables already there and change nothing; TTLs are
+    aligned afterwards either way.
+    """
+    out = []
+    for t in tables:
+        ddl = create_table_statement(t, SchemaOptions(), db="{db}", on_cluster="{on_cluster}")
+        if ddl.count("{") != 2:  # str.format would trip on any other brace
+            raise AssertionError(f"DDL of {t.name} contains braces: {ddl}")
+        out.append(ddl)
+    return tuple(out)
+
+
 #: Version 1 is the initial layout created by :func:`create_statements`; later
 #: changes append here and never edit an applied entry.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial OpenTelemetry metric and log tables", ()),
+    Migration(
+        2,
+        "samples, labels and sampling_config tables for sampled model rows",
+        _migration_ddl(SAMPLES_TABLE, LABELS_TABLE, SAMPLING_CONFIG_TABLE),
+    ),
 )

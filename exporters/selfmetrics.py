@@ -40,6 +40,12 @@ class SelfMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.samples_rejected = Counter(
+            "stethoscope_samples_rejected",
+            "Sample and label records dropped for breaking the contract, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.sql_queries = Counter(
             "stethoscope_sql_queries", "Queries run through the SQL endpoint, by outcome.", ["outcome"], registry=r
         )

@@ -10,8 +10,9 @@ from stethoscope.config import Config, parse_duration
 from .http_common import Listener
 from .ingest import Ingestor
 from .otlp import LOG_COLUMNS, MetricsDecoder
-from .otlp_http import OtlpHandler
-from .schema import LOGS_TABLE, METRIC_TABLES, SchemaOptions
+from .otlp_http import OtlpHandler, RejectedRecords
+from .sampling_config import SamplingConfig
+from .schema import LABELS_TABLE, LOGS_TABLE, METRIC_TABLES, SAMPLES_TABLE, SchemaOptions
 from .selfmetrics import SelfMetrics
 from .sql_http import SqlHandler
 from .store import Store, open_store
@@ -33,13 +34,31 @@ def open_configured_store(cfg: Config) -> Store:
 
 
 class Service:
-    """The running ``up`` process. ``start()`` binds the ports; ``stop()`` drains and closes."""
+    """The running ``up`` process. ``start()`` binds the ports; ``stop()`` drains and closes.
 
-    def __init__(self, cfg: Config, *, store: Store | None = None) -> None:
+    ``sampling_budget`` and ``sampling_default_target`` (rows/s) shape the
+    document served on ``/v1/sampling`` (:mod:`.sampling_config`).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        store: Store | None = None,
+        sampling_budget: float | None = None,
+        sampling_default_target: float | None = None,
+    ) -> None:
         self.cfg = cfg
         self.metrics = SelfMetrics()
         self.store = store or open_configured_store(cfg)
         self._owns_store = store is None
+        self._sampling_budget = cfg.collector.sampling_budget if sampling_budget is None else sampling_budget
+        self._sampling_default_target = (
+            cfg.collector.sampling_default_target if sampling_default_target is None else sampling_default_target
+        )
+        #: Sample and label records dropped for breaking the contract, by reason.
+        self.rejected_records = RejectedRecords(self.metrics)
+        self.sampling: SamplingConfig | None = None
         self.ingestor: Ingestor | None = None
         self.otlp: Listener | None = None
         self.sql: Listener | None = None
@@ -53,6 +72,14 @@ class Service:
                 log.info("schema migrations applied: %s", applied)
             columns = {t.name: t.column_names for t in METRIC_TABLES.values()}
             columns[LOGS_TABLE.name] = LOG_COLUMNS
+            columns[SAMPLES_TABLE.name] = SAMPLES_TABLE.column_names
+            columns[LABELS_TABLE.name] = LABELS_TABLE.column_names
+            self.sampling = SamplingConfig(
+                self.store,
+                global_budget_rows_per_s=self._sampling_budget,
+                default_target_rows_per_s=self._sampling_default_target,
+            )
+            self.sampling.load()
             self.ingestor = Ingestor(
                 self.store,
                 columns,
@@ -72,6 +99,8 @@ class Service:
                 store=self.store,
                 ingestor=self.ingestor,
                 metrics_decoder=decoder,
+                sampling=self.sampling,
+                rejected_records=self.rejected_records,
                 max_body_bytes=cfg.collector.max_body_bytes,
                 request_timeout_s=parse_duration(cfg.collector.request_timeout),
             )

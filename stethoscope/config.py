@@ -148,6 +148,12 @@ class CollectorConfig:
     decoder: str = _setting(
         "auto", "OTLP metrics decoder: native (C kernel), python (its pure-Python twin) or auto.", _decoder
     )
+    sampling_budget: float = _setting(
+        100.0, "Sampled rows per second all SDKs may send together (served on /v1/sampling).", _positive
+    )
+    sampling_default_target: float = _setting(
+        1.0, "Sampled rows per second per model stream unless overridden on /v1/sampling.", _non_negative
+    )
 
 
 @dataclass(frozen=True)

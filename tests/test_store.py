@@ -49,6 +49,72 @@ EXPORTER_COLUMNS = {
 }
 
 
+_LC = "LowCardinality(String)"
+# Stethoscope's own tables (exporters/schema.py), which analytics reads.
+OWN_COLUMNS = {
+    "samples": [
+        ("Timestamp", "DateTime64(9)"), ("ServiceName", _LC), ("Model", _LC), ("ModelVersion", _LC), ("Stream", _LC),
+        ("RequestId", "String"), ("Features", "Array(Float32)"), ("FeatureNames", f"Array({_LC})"),
+        ("Prediction", "Float64"), ("PredictionLabel", "String"), ("Confidence", "Float64"),
+        ("AdjustedCount", "Float64"), ("SamplingThreshold", "String"), ("Uncertain", "Bool"),
+        ("Attributes", _M), ("ResourceAttributes", _M),
+    ],
+    "labels": [
+        ("Timestamp", "DateTime64(9)"), ("ServiceName", _LC), ("Model", _LC), ("RequestId", "String"),
+        ("Label", "Float64"), ("LabelText", "String"), ("Attributes", _M), ("ResourceAttributes", _M),
+    ],
+    "sampling_config": [
+        ("Stream", "String"), ("Settings", "String"), ("Version", "UInt64"), ("ExpiresAt", "DateTime64(3)"),
+        ("UpdatedAt", "DateTime64(3)"),
+    ],
+}
+
+
+@pytest.mark.parametrize("table", sorted(OWN_COLUMNS))
+def test_own_tables_have_their_columns(store, table):
+    rows = store.query(f"DESCRIBE TABLE {table}", "JSONEachRow").data.decode().splitlines()
+    assert [(r["name"], r["type"]) for r in map(json.loads, rows)] == OWN_COLUMNS[table]
+
+
+def _ddl(st, database: str) -> dict[str, str]:
+    out = st.query(f"SELECT name, create_table_query FROM system.tables WHERE database = '{database}'",
+                   "JSONCompactEachRow", readonly=False).data.decode().splitlines()
+    return {name: ddl.replace(f"{database}.", "DB.") for name, ddl in map(json.loads, out)}
+
+
+def test_migration_2_and_fresh_creation_give_identical_tables(store):
+    migration = next(m for m in schema.MIGRATIONS if m.version == 2)
+    store.execute("CREATE DATABASE migrated")
+    for stmt in migration.statements:
+        store.execute(stmt.format(db="`migrated`", on_cluster=""))
+    fresh, migrated = _ddl(store, "stethoscope"), _ddl(store, "migrated")
+    assert set(migrated) == {"samples", "labels", "sampling_config"}
+    for name, ddl in migrated.items():
+        assert ddl == fresh[name]
+    assert "bloom_filter" in fresh["samples"] and "bloom_filter" in fresh["labels"]
+    assert "ReplacingMergeTree(Version)" in fresh["sampling_config"]
+
+
+def test_an_older_store_is_migrated_and_reapplying_is_harmless(tmp_path):
+    st = ChdbStore(tmp_path)
+    try:
+        old = [schema.MIGRATIONS_TABLE, *(t for t in schema.TABLES.values()
+                                          if t.name not in ("samples", "labels", "sampling_config"))]
+        for stmt in schema.create_statements(schema.SchemaOptions(), old):
+            st.execute(stmt)
+        st.execute("INSERT INTO schema_migrations (Version, Description, AppliedAt) VALUES (1, 'initial', now64(3))")
+        assert "samples" not in _ddl(st, "stethoscope")
+        assert st.ensure_schema() == [2]
+        assert {"samples", "labels", "sampling_config"} <= set(_ddl(st, "stethoscope"))
+        st.query("INSERT INTO labels (RequestId, Label) VALUES ('r1', 1)", readonly=False)
+        for stmt in next(m for m in schema.MIGRATIONS if m.version == 2).statements:  # once more, by hand
+            st.execute(stmt.format(db="`stethoscope`", on_cluster=""))
+        assert st.ensure_schema() == []
+        assert st.query("SELECT RequestId, Label FROM labels", "TabSeparated").data == b"r1\t1\n"
+    finally:
+        st.close()
+
+
 @pytest.mark.parametrize("table", sorted(EXPORTER_COLUMNS))
 def test_tables_match_the_collector_exporter(store, table):
     rows = store.query(f"DESCRIBE TABLE {table}", "JSONEachRow").data.decode().splitlines()
@@ -59,7 +125,7 @@ def test_tables_match_the_collector_exporter(store, table):
 def test_ensure_schema_is_idempotent_and_records_migrations(store):
     assert store.ensure_schema() == []  # the fixture already applied everything
     assert store.ensure_schema() == []
-    versions = store.query("SELECT Version, Description FROM schema_migrations FINAL", "JSONEachRow").data
+    versions = store.query("SELECT Version, Description FROM schema_migrations FINAL ORDER BY Version", "JSONEachRow").data
     assert [json.loads(x)["Version"] for x in versions.splitlines()] == [m.version for m in schema.MIGRATIONS]
 
 
@@ -74,12 +140,16 @@ def test_ttl_is_applied_changed_and_removed(tmp_path):
         st.ensure_schema()
         assert ttl_of(st) == "toDateTime(TimeUnix) + toIntervalDay(7)"
         assert ttl_of(st, "otel_logs") == "toDateTime(TimestampTime) + toIntervalDay(7)"
+        assert ttl_of(st, "samples") == "toDateTime(Timestamp) + toIntervalDay(7)"
+        assert ttl_of(st, "labels") == "toDateTime(Timestamp) + toIntervalDay(7)"
+        assert ttl_of(st, "sampling_config") is None  # overrides expire by themselves
     finally:
         st.close()
     st = ChdbStore(tmp_path, schema.SchemaOptions(ttl_seconds=12 * 3600))
     try:
         st.ensure_schema()
         assert ttl_of(st) == "toDateTime(TimeUnix) + toIntervalHour(12)"
+        assert ttl_of(st, "samples") == "toDateTime(Timestamp) + toIntervalHour(12)"
     finally:
         st.close()
     st = ChdbStore(tmp_path, schema.SchemaOptions(ttl_seconds=0))
