@@ -77,3 +77,20 @@ def sql(svc: Service, query: str, fmt: str = "TabSeparated") -> str:
     )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return resp.read().decode()
+
+
+@pytest.fixture(autouse=True)
+def kernel_implementation(request, monkeypatch):
+    """The SDK tests run once with the C kernels and once with their NumPy twins."""
+    impl = getattr(request, "param", None)
+    if impl is not None:
+        from stethoscope.native import PURE_ENV
+
+        monkeypatch.setenv(PURE_ENV, "1" if impl == "python" else "0")
+    return impl
+
+
+def pytest_generate_tests(metafunc):
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module.startswith("test_sdk_") and "kernel_implementation" in metafunc.fixturenames:
+        metafunc.parametrize("kernel_implementation", ["native", "python"], indirect=True)

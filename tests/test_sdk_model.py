@@ -267,3 +267,12 @@ def test_spool_dir_delivers_durably(tmp_path):
     assert m.flush(timeout_s=0.5) is False  # nobody listening: it stays on disk
     m.close(timeout_s=0.1)
     assert any((tmp_path / "spool" / "metrics").iterdir()) and any((tmp_path / "spool" / "logs").iterdir())
+
+
+def test_the_kernels_in_use_follow_the_parametrisation(kernel_implementation):
+    from stethoscope.agents.sdk.consistent import sampling_kernel
+    from stethoscope.agents.sdk.sketch import sketch_kernels
+
+    twin = kernel_implementation == "python"
+    assert (sketch_kernels().module == "stethoscope.native.sketch") is twin
+    assert (sampling_kernel().__name__ == "stethoscope.native.sampling") is twin

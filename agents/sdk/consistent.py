@@ -30,7 +30,6 @@ Examples:
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 import string
 from collections.abc import Sequence
@@ -101,24 +100,15 @@ def randomness(request_id: str) -> int:
 
 def randomness_many(request_ids: Sequence[str]) -> np.ndarray:
     """:func:`randomness` for each id, as ``uint64``, by the sampling kernel."""
-    global _kernel_randomness
-    if _kernel_randomness is None:
-        _kernel_randomness = sampling_kernel().randomness_from_ids
     if isinstance(request_ids, np.ndarray):
         request_ids = request_ids.tolist()
     elif not isinstance(request_ids, list):
         request_ids = list(request_ids)
-    return _kernel_randomness(request_ids)
-
-
-_kernel_randomness = None
+    return sampling_kernel().randomness_from_ids(request_ids)
 
 
 def sampling_kernel() -> ModuleType:
     """The sampling kernel module in use (C when built, else the twin)."""
     from stethoscope import native
 
-    try:
-        return native.implementation(kernel="sampling")  # type: ignore[call-arg]
-    except TypeError:  # an implementation() that predates per-kernel choice
-        return importlib.import_module("stethoscope.native.sampling")
+    return native.implementation(kernel="sampling")

@@ -43,10 +43,7 @@ class SketchKernels:
 def _module_for(kernel: str) -> ModuleType:
     from stethoscope import native
 
-    try:
-        return native.implementation(kernel=kernel)  # type: ignore[call-arg]
-    except TypeError:  # an implementation() that predates per-kernel choice
-        return importlib.import_module(f"stethoscope.native.{kernel}")
+    return native.implementation(kernel=kernel)
 
 
 def sketch_kernels() -> SketchKernels:
