@@ -7,7 +7,7 @@ import importlib
 import platform
 import sys
 
-BENCHMARKS = {"ingest": "benchmarks.ingest", "agent": "benchmarks.agent"}
+BENCHMARKS = {"ingest": "benchmarks.ingest", "agent": "benchmarks.agent", "sdk": "benchmarks.sdk"}
 
 
 def main(argv: list[str] | None = None) -> int:
