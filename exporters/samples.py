@@ -58,7 +58,7 @@ import re
 import struct
 import sys
 
-from stethoscope.native.otlp_rowbinary import any_value_to_str
+from stethoscope.native.otlp_rowbinary import any_value_to_str, varint
 
 __all__ = [
     "SAMPLE_EVENT",
@@ -170,21 +170,9 @@ def event_of(rec) -> str:
     return ""
 
 
-def _varint(n: int) -> bytes:
-    """LEB128, as RowBinary writes lengths."""
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _s(b: bytes) -> bytes:
     n = len(b)
-    return bytes((n,)) + b if n < 0x80 else _varint(n) + b
+    return bytes((n,)) + b if n < 0x80 else varint(n) + b
 
 
 def _str_field(v, key: str, reason: str) -> str:
@@ -263,7 +251,7 @@ def _names_rowbinary(raw: bytes) -> tuple[int, bytes, str]:
     from opentelemetry.proto.common.v1.common_pb2 import ArrayValue
 
     names = ArrayValue.FromString(raw).values
-    parts = [_varint(len(names))]
+    parts = [varint(len(names))]
     for i, x in enumerate(names):
         if x.WhichOneof("value") != "string_value":
             return len(names), b"", f"{_FEATURE_NAMES}[{i}] must be a string"
@@ -291,7 +279,7 @@ def _split(rec, consumed: frozenset[str]) -> tuple[dict, bytes]:
     if not rest:
         return known, b"\x00"
     items = sorted(rest.items())
-    return known, _varint(len(items)) + b"".join(_s(k) + _s(v) for k, v in items)
+    return known, varint(len(items)) + b"".join(_s(k) + _s(v) for k, v in items)
 
 
 # Attribute keys each kind turns into columns; any other key goes to Attributes.
@@ -382,7 +370,7 @@ def _sample_row(rec, service: bytes, resource_map: bytes) -> bytes:
         _s(version),
         _s(stream),
         _s(request_id),
-        _varint(n),
+        varint(n),
         features,
         names,
         _pack_d(prediction),

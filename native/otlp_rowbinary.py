@@ -26,7 +26,7 @@ import base64
 import math
 import struct
 
-__all__ = ["encode_metrics", "any_value_to_str", "attr_map", "rb_string"]
+__all__ = ["encode_metrics", "any_value_to_str", "attr_map", "rb_string", "varint"]
 
 _pack_q = struct.Struct("<q").pack
 _pack_Q = struct.Struct("<Q").pack
@@ -46,6 +46,15 @@ def _varint(n: int) -> bytes:
 
 def _str(b: bytes) -> bytes:
     return _varint(len(b)) + b
+
+
+def varint(n: int) -> bytes:
+    """LEB128, as RowBinary writes lengths and counts.
+
+    >>> varint(5), varint(300)
+    (b'\\x05', b'\\xac\\x02')
+    """
+    return _varint(n)
 
 
 def _double_str(v: float) -> str:

@@ -56,7 +56,6 @@ import os
 import random
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -74,6 +73,7 @@ from .consistent import MAX_RANDOMNESS, adjusted_count, randomness, randomness_m
 from .consistent import thresholds as thresholds_of
 from .drops import DropCounter
 from .export import Delivery
+from .lifecycle import closer
 from .model_settings import DEFAULT_LATENCY_BOUNDS_MS, ModelMonitorSettings, finite_number
 from .remote import SamplingConfigPoller
 from .sampling import DEFAULT_STREAM, AdaptiveSampler, SamplingConfig
@@ -236,7 +236,7 @@ class ModelMonitor:
         if self._thread is None and not self._closed:
             self._thread = threading.Thread(target=self._run, name=f"stethoscope-model-{self.model}", daemon=True)
             self._thread.start()
-            self._atexit = _closer(self)
+            self._atexit = closer(self)
             atexit.register(self._atexit)
 
     # -- state -----------------------------------------------------------------------------
@@ -770,15 +770,3 @@ def _observe(st: Any, values: np.ndarray) -> None:
     if v.size:
         mean = float(v.mean())
         st.observe_signal(int(v.size), mean, float(((v - mean) ** 2).sum()))
-
-
-def _closer(monitor: Any) -> Callable[[], None]:
-    """An exit hook that closes ``monitor`` if it still exists (holds no strong reference)."""
-    ref = weakref.ref(monitor)
-
-    def close() -> None:
-        target = ref()
-        if target is not None:
-            target.close()
-
-    return close

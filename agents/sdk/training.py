@@ -60,7 +60,6 @@ import math
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -83,6 +82,7 @@ from ..daemon import DEFAULT_ENDPOINT
 from ..resource import build_resource
 from .drops import DropCounter
 from .export import Delivery
+from .lifecycle import closer
 
 __all__ = ["TrainingMonitor", "TrainingMonitorSettings", "STEP_VALUES"]
 
@@ -233,7 +233,7 @@ class TrainingMonitor:
         if start:
             self._thread = threading.Thread(target=self._run, name=f"stethoscope-train-{job}", daemon=True)
             self._thread.start()
-            self._atexit = _closer(self)
+            self._atexit = closer(self)
             atexit.register(self._atexit)
 
     # -- state -----------------------------------------------------------------------------
@@ -458,15 +458,3 @@ class TrainingMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _closer(monitor: Any) -> Callable[[], None]:
-    """An exit hook that closes ``monitor`` if it still exists (holds no strong reference)."""
-    ref = weakref.ref(monitor)
-
-    def close() -> None:
-        target = ref()
-        if target is not None:
-            target.close()
-
-    return close
