@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import gzip
+import gzip  # used by the doctest of decompress()
 import json
 import logging
 import threading
