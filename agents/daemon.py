@@ -338,7 +338,9 @@ class Agent:
             self._thread.start()
 
     def _schedule(self) -> None:
-        next_at = time.monotonic() + self._cadence.interval_s
+        # The first collection within a second: an operator who just installed the
+        # agent sees data at once, not one base interval later.
+        next_at = time.monotonic() + min(self._cadence.interval_s, 1.0)
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             started = time.monotonic()
             self._cycle()
