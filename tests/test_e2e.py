@@ -187,3 +187,28 @@ def test_agent_dry_run_prints_json_lines_and_sends_nothing(tmp_path):
     assert out.returncode == 0, out.stderr.decode()
     records = [json.loads(line) for line in out.stdout.decode().splitlines()]
     assert any(r.get("metric") == "system.cpu.time" for r in records)
+
+
+def test_main_job_up_with_agent_stores_host_metrics(tmp_path):
+    """The README's main job: `up --with-agent` shows its own host's metrics within seconds."""
+    otlp, sql = free_port(), free_port()
+    proc = subprocess.Popen(
+        _cli("up", "--with-agent", "--data-dir", str(tmp_path / "d"), "--otlp-http-port", str(otlp),
+             "--sql-port", str(sql)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+    )
+    try:
+        _wait_healthy(otlp, proc)
+        deadline = time.monotonic() + 60
+        count = 0
+        while time.monotonic() < deadline and count == 0:
+            out = subprocess.run(_cli("sql", "SELECT count() FROM otel_metrics_sum WHERE MetricName = 'system.cpu.time'",
+                                      "--url", f"http://127.0.0.1:{sql}"), capture_output=True, timeout=60)
+            count = int(out.stdout or b"0")
+            time.sleep(0.5)
+        assert count > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        proc.stdout.close()
+        proc.stderr.close()
