@@ -7,7 +7,13 @@ import importlib
 import platform
 import sys
 
-BENCHMARKS = {"ingest": "benchmarks.ingest", "agent": "benchmarks.agent", "sdk": "benchmarks.sdk"}
+BENCHMARKS = {
+    "ingest": "benchmarks.ingest",
+    "agent": "benchmarks.agent",
+    "sdk": "benchmarks.sdk",
+    "drift": "benchmarks.drift",
+    "drift_mmd": "benchmarks.drift_mmd",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -253,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--timeout", type=float, default=60.0)
     sq.set_defaults(func=cmd_sql)
 
+    from .analytics import drift_cli
+
+    dr = sub.add_parser("drift", help="compare a current table (CSV or Parquet) with a reference")
+    drift_cli.add_arguments(dr)
+    dr.set_defaults(func=drift_cli.run)
+
     cf = sub.add_parser("config", help="list settings, or check a configuration file")
     cf.add_argument("action", choices=["list", "check"])
     cf.add_argument("--config", help="TOML configuration file to check")
