@@ -27,6 +27,8 @@ False
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from typing import Any
 
@@ -209,7 +211,7 @@ def cramers_v(table: np.ndarray) -> float:
 # -- detectors -----------------------------------------------------------------------------
 
 
-class _Categorical:
+class _Categorical(ABC):
     """Shared plumbing: validated settings, cleaned reference counts, the result."""
 
     name = ""
@@ -268,8 +270,9 @@ class _Categorical:
             details=details,
         )
 
+    @abstractmethod
     def _compute(self, table: np.ndarray) -> tuple[float, float | None, float, dict]:
-        raise NotImplementedError
+        """Implemented by each concrete detector."""
 
 
 @register("chi2")

@@ -30,6 +30,8 @@ arrive on average once every ``ert`` steps; the method is described in
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
@@ -74,7 +76,7 @@ def _check(problems: list[str]) -> None:
         raise ConfigError(problems)
 
 
-class _Stream:
+class _Stream(ABC):
     """Shared bookkeeping: bad-value filtering, counters and the latched flag."""
 
     name = "stream"
@@ -109,11 +111,13 @@ class _Stream:
         self.detected_at = None
         self._clear()
 
-    def _step(self, v: float) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _step(self, v: float) -> bool:
+        """Implemented by each concrete detector."""
 
-    def _clear(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _clear(self) -> None:
+        """Implemented by each concrete detector."""
 
 
 class _Warmup:
@@ -443,8 +447,9 @@ class _Windowed(_Stream):
             self._fit(ref)
         self._clear()
 
-    def _fit(self, ref: np.ndarray) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _fit(self, ref: np.ndarray) -> None:
+        """Implemented by each concrete detector."""
 
     def _clear(self) -> None:
         if self._given is None:
@@ -455,8 +460,9 @@ class _Windowed(_Stream):
         self.statistic = 0.0
         self._clear_window()
 
-    def _clear_window(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _clear_window(self) -> None:
+        """Implemented by each concrete detector."""
 
     def _step(self, v: float) -> bool:
         if self._ref is None:
@@ -476,8 +482,9 @@ class _Windowed(_Stream):
         self._above = above
         return crossed
 
-    def _push(self, v: float) -> float | None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _push(self, v: float) -> float | None:
+        """Implemented by each concrete detector."""
 
 
 @register_stream("mean_window")

@@ -30,6 +30,8 @@ False
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import functools
 import math
 import warnings
@@ -340,7 +342,7 @@ def binned_counts(sorted_values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 # -- detectors ----------------------------------------------------------------------------------------
 
 
-class _Numeric:
+class _Numeric(ABC):
     """Shared plumbing: validated settings, a sorted reference, the result record."""
 
     name = ""
@@ -391,8 +393,9 @@ class _Numeric:
                      "effect_measure": self.measure, **extra},
         )
 
+    @abstractmethod
     def _compute(self, ref: np.ndarray, cur: np.ndarray) -> tuple[float, float | None, float, dict]:
-        raise NotImplementedError
+        """Implemented by each concrete detector."""
 
 
 @register("ks")
@@ -469,8 +472,9 @@ class _Binned(_Numeric):
         edges = quantile_edges(ref, self.bins)
         return binned_counts(ref, edges), binned_counts(cur, edges)
 
+    @abstractmethod
     def _distance(self, r: np.ndarray, c: np.ndarray) -> float:
-        raise NotImplementedError
+        """Implemented by each concrete detector."""
 
     def _compute(self, ref, cur):
         r, c = self._counts(ref, cur)
