@@ -14,6 +14,8 @@
   performance drop once labels arrive, shadow/canary agreement.
 * :mod:`.sequential`: CUSUM, Page-Hinkley, ADWIN and windowed tests calibrated to an
   expected run time between false alarms, in :data:`STREAM_REGISTRY`.
+* :mod:`.findings` and :mod:`.scheduler`: the ``findings`` table every check writes to,
+  and the scheduler ``stethoscope up`` runs over windows of the ``samples`` table.
 * :mod:`.tabular_io` and :mod:`.drift_cli`: the ``stethoscope drift`` command.
 
 Importing this package loads NumPy only; SciPy and pyarrow (the ``server`` extra)
@@ -41,6 +43,8 @@ from .dataset import (
     check_dataset,
 )
 from .detector import REGISTRY, BatchDetector, DriftResult, SequentialDetector, register
+from .findings import Finding, FindingsWriter, from_drift_result
+from .scheduler import DriftScheduler
 from .multivariate import MMD, DomainClassifier, MeanEmbeddingDistance, PCAReconstruction
 from .performance import (
     ConfidenceCV,
@@ -66,6 +70,10 @@ from .univariate import (
 )
 
 __all__ = [
+    "DriftScheduler",
+    "Finding",
+    "FindingsWriter",
+    "from_drift_result",
     "ADWIN",
     "CUSUM",
     "MMD",

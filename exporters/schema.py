@@ -8,8 +8,8 @@ sub-second telemetry (per-step training timings) keeps its precision.
 
 Beside them live Stethoscope's own tables: ``samples`` (model rows sampled by
 the in-process SDK), ``labels`` (delayed ground truth, joined to samples on
-``RequestId``) and ``sampling_config`` (the sampling overrides served on
-``/v1/sampling``).
+``RequestId``), ``sampling_config`` (the sampling overrides served on
+``/v1/sampling``) and ``findings`` (what analytics concluded, for alert rules).
 
 Every statement is idempotent (``IF NOT EXISTS``); changes after the first
 release go in :data:`MIGRATIONS` and are recorded in ``schema_migrations``.
@@ -28,6 +28,7 @@ __all__ = [
     "SAMPLES_TABLE",
     "LABELS_TABLE",
     "SAMPLING_CONFIG_TABLE",
+    "FINDINGS_TABLE",
     "MIGRATIONS",
     "SchemaOptions",
     "create_statements",
@@ -282,6 +283,35 @@ SAMPLING_CONFIG_TABLE = Table(
     ttl_column="",
 )
 
+#: What analytics concluded (drift, confidence, ...): one row per finding, generic so
+#: alert rules can select on Kind/Severity/Drifted without knowing the method. Written
+#: by :class:`stethoscope.analytics.findings.FindingsWriter`.
+FINDINGS_TABLE = Table(
+    name="findings",
+    columns=(
+        ("Time", "DateTime64(3)", "CODEC(Delta(8), ZSTD(1))"),
+        ("Kind", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("Subject", "String", "CODEC(ZSTD(1))"),
+        ("Model", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("ModelVersion", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("Feature", "String", "CODEC(ZSTD(1))"),
+        ("Method", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("Statistic", "Float64", "CODEC(ZSTD(1))"),
+        ("PValue", "Float64", "CODEC(ZSTD(1))"),
+        ("Effect", "Float64", "CODEC(ZSTD(1))"),
+        ("Threshold", "Float64", "CODEC(ZSTD(1))"),
+        ("Severity", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("Drifted", "Bool", "CODEC(ZSTD(1))"),
+        ("WindowStart", "DateTime64(3)", "CODEC(ZSTD(1))"),
+        ("WindowEnd", "DateTime64(3)", "CODEC(ZSTD(1))"),
+        ("Details", "String", "CODEC(ZSTD(1))"),
+        ("Labels", _MAP, "CODEC(ZSTD(1))"),
+    ),
+    partition_by="toDate(Time)",
+    order_by="(Kind, Model, Time)",
+    ttl_column="Time",
+)
+
 #: Every table Stethoscope creates and keeps the TTL of (``schema_migrations`` aside).
 TABLES: dict[str, Table] = {
     **{t.name: t for t in METRIC_TABLES.values()},
@@ -289,6 +319,7 @@ TABLES: dict[str, Table] = {
     SAMPLES_TABLE.name: SAMPLES_TABLE,
     LABELS_TABLE.name: LABELS_TABLE,
     SAMPLING_CONFIG_TABLE.name: SAMPLING_CONFIG_TABLE,
+    FINDINGS_TABLE.name: FINDINGS_TABLE,
 }
 
 
@@ -452,4 +483,5 @@ MIGRATIONS: tuple[Migration, ...] = (
         "samples, labels and sampling_config tables for sampled model rows",
         _migration_ddl(SAMPLES_TABLE, LABELS_TABLE, SAMPLING_CONFIG_TABLE),
     ),
+    Migration(3, "findings table for analytics results", _migration_ddl(FINDINGS_TABLE)),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from stethoscope.config import Config, parse_duration
 
@@ -16,6 +17,9 @@ from .schema import LABELS_TABLE, LOGS_TABLE, METRIC_TABLES, SAMPLES_TABLE, Sche
 from .selfmetrics import SelfMetrics
 from .sql_http import SqlHandler
 from .store import Store, open_store
+
+if TYPE_CHECKING:
+    from stethoscope.analytics.scheduler import DriftScheduler
 
 __all__ = ["Service", "open_configured_store"]
 
@@ -31,6 +35,22 @@ def open_configured_store(cfg: Config) -> Store:
     if s.clickhouse_url:
         return open_store("clickhouse", url=s.clickhouse_url, schema=schema)
     return open_store("chdb", data_dir=s.data_dir, schema=schema)
+
+
+def _drift_scheduler(cfg: Config, store: Store) -> DriftScheduler:
+    """The drift scheduler ``[analytics]`` describes (SciPy and pyarrow: the ``server`` extra, as for ``up``)."""
+    from stethoscope.analytics.calibration import Calibration
+    from stethoscope.analytics.scheduler import DriftScheduler
+
+    a = cfg.analytics
+    return DriftScheduler(
+        store,
+        interval_s=parse_duration(a.interval),
+        window_s=parse_duration(a.window),
+        reference=a.reference,
+        min_rows=a.min_rows,
+        calibration=Calibration(alpha=a.alpha, correction=a.correction),
+    )
 
 
 class Service:
@@ -60,6 +80,7 @@ class Service:
         self.rejected_records = RejectedRecords(self.metrics)
         self.sampling: SamplingConfig | None = None
         self.ingestor: Ingestor | None = None
+        self.scheduler: DriftScheduler | None = None
         self.otlp: Listener | None = None
         self.sql: Listener | None = None
         self._stopped = threading.Event()
@@ -90,6 +111,9 @@ class Service:
                 metrics=self.metrics,
             )
             self.ingestor.start()
+            if cfg.analytics.enabled:
+                self.scheduler = _drift_scheduler(cfg, self.store)
+                self.scheduler.start()
             decoder = MetricsDecoder(cfg.collector.decoder)
             log.info("OTLP metrics decoding: %s", decoder.implementation)
             self.otlp = Listener(
@@ -139,6 +163,8 @@ class Service:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.scheduler is not None:
+            self.scheduler.stop()
         if self.otlp is not None:
             self.otlp.stop()
         if self.ingestor is not None:

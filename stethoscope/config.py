@@ -36,6 +36,7 @@ __all__ = [
     "CollectorConfig",
     "SqlConfig",
     "AgentConfig",
+    "AnalyticsConfig",
     "load_config",
     "parse_duration",
     "ENV_PREFIX",
@@ -107,6 +108,32 @@ def _decoder(v: str) -> str | None:
 def _log_level(v: str) -> str | None:
     ok = ("DEBUG", "INFO", "WARNING", "ERROR")
     return None if v.upper() in ok else f"must be one of {', '.join(ok)}, got {v!r}"
+
+
+def _positive_duration(v: str) -> str | None:
+    try:
+        seconds = parse_duration(v)
+    except ValueError as exc:
+        return str(exc)
+    return None if seconds > 0 else f"must be a duration greater than 0, got {v!r}"
+
+
+def _probability(v: float) -> str | None:
+    return None if 0 < v < 1 else f"must be between 0 and 1 (exclusive), got {v}"
+
+
+def _at_least_two(v: int) -> str | None:
+    return None if v >= 2 else f"must be 2 or more, got {v}"
+
+
+def _reference(v: str) -> str | None:
+    ok = ("previous", "first")
+    return None if v in ok else f"must be one of {', '.join(ok)}, got {v!r}"
+
+
+def _correction(v: str) -> str | None:
+    ok = ("bh", "bonferroni")
+    return None if v in ok else f"must be one of {', '.join(ok)}, got {v!r}"
 
 
 def _setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
@@ -208,6 +235,26 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class AnalyticsConfig:
+    """The drift scheduler inside ``up``, writing to the findings table."""
+
+    enabled: bool = _setting(True, "Run drift checks on sampled model rows and write findings.")
+    interval: str = _setting("5m", "How often the drift checks run.", _positive_duration)
+    window: str = _setting("1h", "Length of the current window compared with the reference.", _positive_duration)
+    reference: str = _setting(
+        "previous",
+        "Reference window: previous (the window before the current one) or first (the first window of "
+        "each model version).",
+        _reference,
+    )
+    min_rows: int = _setting(200, "Fewest rows per window for a check; fewer gives an insufficient-data finding.",
+                             _at_least_two)
+    alpha: float = _setting(0.05, "Significance level after multiple-testing correction.", _probability)
+    correction: str = _setting("bh", "Correction across features: bh (Benjamini-Hochberg) or bonferroni.",
+                               _correction)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -215,10 +262,17 @@ class Config:
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     sql: SqlConfig = field(default_factory=SqlConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    analytics: AnalyticsConfig = field(default_factory=AnalyticsConfig)
     log_level: str = _setting("INFO", "Logging level.", _log_level)
 
 
-_SECTION_TYPES = {"store": StoreConfig, "collector": CollectorConfig, "sql": SqlConfig, "agent": AgentConfig}
+_SECTION_TYPES = {
+    "store": StoreConfig,
+    "collector": CollectorConfig,
+    "sql": SqlConfig,
+    "agent": AgentConfig,
+    "analytics": AnalyticsConfig,
+}
 
 
 def _convert(raw: Any, default: Any) -> Any:

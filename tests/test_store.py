@@ -67,6 +67,12 @@ OWN_COLUMNS = {
         ("Stream", "String"), ("Settings", "String"), ("Version", "UInt64"), ("ExpiresAt", "DateTime64(3)"),
         ("UpdatedAt", "DateTime64(3)"),
     ],
+    "findings": [
+        ("Time", "DateTime64(3)"), ("Kind", _LC), ("Subject", "String"), ("Model", _LC), ("ModelVersion", _LC),
+        ("Feature", "String"), ("Method", _LC), ("Statistic", "Float64"), ("PValue", "Float64"),
+        ("Effect", "Float64"), ("Threshold", "Float64"), ("Severity", _LC), ("Drifted", "Bool"),
+        ("WindowStart", "DateTime64(3)"), ("WindowEnd", "DateTime64(3)"), ("Details", "String"), ("Labels", _M),
+    ],
 }
 
 
@@ -99,18 +105,50 @@ def test_an_older_store_is_migrated_and_reapplying_is_harmless(tmp_path):
     st = ChdbStore(tmp_path)
     try:
         old = [schema.MIGRATIONS_TABLE, *(t for t in schema.TABLES.values()
-                                          if t.name not in ("samples", "labels", "sampling_config"))]
+                                          if t.name not in ("samples", "labels", "sampling_config", "findings"))]
         for stmt in schema.create_statements(schema.SchemaOptions(), old):
             st.execute(stmt)
         st.execute("INSERT INTO schema_migrations (Version, Description, AppliedAt) VALUES (1, 'initial', now64(3))")
         assert "samples" not in _ddl(st, "stethoscope")
-        assert st.ensure_schema() == [2]
+        assert st.ensure_schema() == [2, 3]
         assert {"samples", "labels", "sampling_config"} <= set(_ddl(st, "stethoscope"))
         st.query("INSERT INTO labels (RequestId, Label) VALUES ('r1', 1)", readonly=False)
         for stmt in next(m for m in schema.MIGRATIONS if m.version == 2).statements:  # once more, by hand
             st.execute(stmt.format(db="`stethoscope`", on_cluster=""))
         assert st.ensure_schema() == []
         assert st.query("SELECT RequestId, Label FROM labels", "TabSeparated").data == b"r1\t1\n"
+    finally:
+        st.close()
+
+
+def test_migration_3_and_fresh_creation_give_identical_findings_tables(store):
+    migration = next(m for m in schema.MIGRATIONS if m.version == 3)
+    store.execute("CREATE DATABASE migrated")
+    for stmt in migration.statements:
+        store.execute(stmt.format(db="`migrated`", on_cluster=""))
+    fresh, migrated = _ddl(store, "stethoscope"), _ddl(store, "migrated")
+    assert set(migrated) == {"findings"}
+    assert migrated["findings"] == fresh["findings"]
+    assert "ORDER BY (Kind, Model, Time)" in fresh["findings"]
+
+
+def test_a_store_from_before_findings_gets_migration_3(tmp_path):
+    opts = schema.SchemaOptions(ttl_seconds=7 * 86400)
+    st = ChdbStore(tmp_path, opts)
+    try:
+        old = [schema.MIGRATIONS_TABLE, *(t for t in schema.TABLES.values() if t.name != "findings")]
+        for stmt in schema.create_statements(opts, old):
+            st.execute(stmt)
+        for version in (1, 2):
+            st.execute(f"INSERT INTO schema_migrations (Version, Description, AppliedAt) VALUES ({version}, 'old', now64(3))")
+        st.query("INSERT INTO labels (Timestamp, RequestId, Label) VALUES (now64(9), 'r1', 1)", readonly=False)
+        assert "findings" not in _ddl(st, "stethoscope")
+        assert st.ensure_schema() == [3]
+        ddl = _ddl(st, "stethoscope")
+        assert "toIntervalDay(7)" in ddl["findings"]  # TTL like the other tables
+        assert st.ensure_schema() == []
+        assert st.query("SELECT RequestId, Label FROM labels", "TabSeparated").data == b"r1\t1\n"
+        assert st.query("SELECT count() FROM findings", "TabSeparated").data == b"0\n"
     finally:
         st.close()
 
