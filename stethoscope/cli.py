@@ -259,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     drift_cli.add_arguments(dr)
     dr.set_defaults(func=drift_cli.run)
 
+    from .dashboards import cli as dashboards_cli
+
+    db = sub.add_parser("dashboards", help="export Grafana dashboards and provisioning, or push them to Grafana")
+    dashboards_cli.add_arguments(db)
+    db.set_defaults(func=dashboards_cli.run)
+
     cf = sub.add_parser("config", help="list settings, or check a configuration file")
     cf.add_argument("action", choices=["list", "check"])
     cf.add_argument("--config", help="TOML configuration file to check")

@@ -1,0 +1,490 @@
+"""The six Stethoscope dashboards, built as Grafana JSON.
+
+Every panel is raw SQL against our tables (``exporters/schema.py``) with the
+ClickHouse plugin's macros; filters use ``$__conditionalAll`` so "All" costs nothing.
+
+Examples:
+    >>> [d["uid"] for d in build_all()]
+    ['stethoscope-fleet', 'stethoscope-training', 'stethoscope-inference', 'stethoscope-drift', 'stethoscope-cost', 'stethoscope-alerts']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .histogram import bucket_quantile_sql
+from .panels import (
+    barchart,
+    constant_variable,
+    custom_variable,
+    dashboard,
+    query_variable,
+    stat,
+    table,
+    timeseries,
+)
+
+__all__ = [
+    "DASHBOARDS",
+    "DEFAULT_GPU_HOUR_PRICE",
+    "IDLE_UTILIZATION",
+    "alerts",
+    "build_all",
+    "cost",
+    "drift",
+    "fleet",
+    "inference",
+    "training",
+]
+
+Json = dict[str, Any]
+
+DEFAULT_GPU_HOUR_PRICE = "2.50"
+#: A GPU interval with mean utilization below this counts as idle in the cost dashboard.
+IDLE_UTILIZATION = 0.3
+
+_TITLES = {
+    "stethoscope-fleet": "Stethoscope / Fleet and GPU health",
+    "stethoscope-training": "Stethoscope / Training operations",
+    "stethoscope-inference": "Stethoscope / Inference service",
+    "stethoscope-drift": "Stethoscope / Model performance and drift",
+    "stethoscope-cost": "Stethoscope / Cost",
+    "stethoscope-alerts": "Stethoscope / Alerts and actions",
+}
+
+
+def _links(own: str) -> list[Json]:
+    return [{"type": "link", "title": title.split(" / ", 1)[1], "url": f"/d/{uid}", "keepTime": True,
+             "includeVars": False, "targetBlank": False, "icon": "dashboard", "tags": [], "asDropdown": False}
+            for uid, title in _TITLES.items() if uid != own]
+
+
+# ---------------------------------------------------------------- shared SQL pieces
+
+_NODE = "ResourceAttributes['host.name']"
+_GPU = "Attributes['gpu.index']"
+_GPU_FILTER = (
+    "$__conditionalAll(ResourceAttributes['k8s.cluster.name'] IN ($cluster), $cluster)"
+    f" AND $__conditionalAll({_NODE} IN ($node), $node)"
+    f" AND $__conditionalAll({_GPU} IN ($gpu), $gpu)"
+)
+_GPU_WHERE = f"$__timeFilter(TimeUnix) AND {_GPU_FILTER}"
+_JOB_WHERE = "$__timeFilter(TimeUnix) AND $__conditionalAll(Attributes['stethoscope.train.job'] IN ($job), $job)"
+_MODEL_ATTR_WHERE = ("$__timeFilter(TimeUnix)"
+                     " AND $__conditionalAll(Attributes['stethoscope.model'] IN ($model), $model)"
+                     " AND $__conditionalAll(Attributes['stethoscope.model.version'] IN ($version), $version)")
+_MODEL_COL = ("$__conditionalAll(Model IN ($model), $model)"
+              " AND $__conditionalAll(ModelVersion IN ($version), $version)")
+
+
+def _cluster_var() -> Json:
+    return query_variable("cluster", "Cluster", """
+        SELECT DISTINCT ResourceAttributes['k8s.cluster.name'] FROM otel_metrics_gauge
+        WHERE MetricName = 'gpu.utilization' AND $__timeFilter(TimeUnix) ORDER BY 1""")
+
+
+def _node_var() -> Json:
+    return query_variable("node", "Node", f"""
+        SELECT DISTINCT {_NODE} FROM otel_metrics_gauge
+        WHERE MetricName = 'gpu.utilization' AND $__timeFilter(TimeUnix)
+        AND $__conditionalAll(ResourceAttributes['k8s.cluster.name'] IN ($cluster), $cluster) ORDER BY 1""")
+
+
+def _gpu_var() -> Json:
+    return query_variable("gpu", "GPU", f"""
+        SELECT DISTINCT {_GPU} FROM otel_metrics_gauge
+        WHERE MetricName = 'gpu.utilization' AND $__timeFilter(TimeUnix)
+        AND $__conditionalAll({_NODE} IN ($node), $node) ORDER BY toUInt32OrZero({_GPU})""")
+
+
+def _model_vars(source: str) -> list[Json]:
+    if source == "metrics":
+        model = """SELECT DISTINCT Attributes['stethoscope.model'] FROM otel_metrics_sum
+            WHERE MetricName = 'stethoscope.model.requests' AND $__timeFilter(TimeUnix) ORDER BY 1"""
+        version = """SELECT DISTINCT Attributes['stethoscope.model.version'] FROM otel_metrics_sum
+            WHERE MetricName = 'stethoscope.model.requests' AND $__timeFilter(TimeUnix)
+            AND $__conditionalAll(Attributes['stethoscope.model'] IN ($model), $model) ORDER BY 1"""
+    else:
+        model = """SELECT DISTINCT Model FROM samples WHERE $__timeFilter(Timestamp)
+            UNION DISTINCT SELECT DISTINCT Model FROM findings WHERE $__timeFilter(Time) AND Model != ''"""
+        version = """SELECT DISTINCT ModelVersion FROM samples WHERE $__timeFilter(Timestamp)
+            AND $__conditionalAll(Model IN ($model), $model)"""
+    return [query_variable("model", "Model", model), query_variable("version", "Model version", version)]
+
+
+def _annotation(model_filter: bool) -> str:
+    extra = " AND $__conditionalAll(Model IN ($model), $model)" if model_filter else ""
+    return f"""
+SELECT Time AS time, concat(upper(Severity), ' ', Kind, ': ', Subject) AS text,
+       concat(Kind, ',', Severity) AS tags
+FROM findings
+WHERE $__timeFilter(Time) AND Severity != 'info'{extra}
+ORDER BY time"""
+
+
+#: Increase of one cumulative counter series over the range. A series whose counter started
+#: inside the range (StartTimeUnix, e.g. the agent's XID count) counts from zero, so its first
+#: point is not lost; resets inside the range are not corrected.
+_INCREASE = "if(min(StartTimeUnix) >= $__fromTime, max(Value), max(Value) - min(Value))"
+
+
+def _gpu_series(metric: str, agg: str = "avg(Value)", alias: str = "value") -> str:
+    return f"""
+SELECT $__timeInterval(TimeUnix) AS time, concat({_NODE}, '/', {_GPU}) AS gpu, {agg} AS {alias}
+FROM otel_metrics_gauge
+WHERE MetricName = '{metric}' AND {_GPU_WHERE}
+GROUP BY time, gpu
+ORDER BY time"""
+
+
+# ---------------------------------------------------------------- fleet
+
+def fleet() -> Json:
+    heat_cols = ",\n       ".join(f"avgIf(Value, {_GPU} = '{i}') AS gpu_{i}" for i in range(8))
+    panels = [
+        (stat("GPUs reporting", f"""
+SELECT uniqExact({_NODE}, {_GPU}) AS gpus FROM otel_metrics_gauge
+WHERE MetricName = 'gpu.utilization' AND {_GPU_WHERE}"""), 6, 4),
+        (stat("Mean utilization", f"""
+SELECT avg(Value) AS utilization FROM otel_metrics_gauge
+WHERE MetricName = 'gpu.utilization' AND {_GPU_WHERE}""", unit="percentunit"), 6, 4),
+        (stat("Hottest GPU", f"""
+SELECT max(Value) AS temperature FROM otel_metrics_gauge
+WHERE MetricName = 'gpu.temperature' AND {_GPU_WHERE}""", unit="celsius"), 6, 4),
+        (stat("XID errors", f"""
+SELECT sum(errors) AS xid_errors FROM (
+  SELECT {_INCREASE} AS errors FROM otel_metrics_sum
+  WHERE MetricName = 'gpu.xid.errors' AND {_GPU_WHERE}
+  GROUP BY {_NODE}, {_GPU}, Attributes['gpu.xid'])""", decimals=0), 6, 4),
+        (timeseries("GPU utilization", _gpu_series("gpu.utilization"), unit="percentunit"), 12, 8),
+        (timeseries("GPU memory used", _gpu_series("gpu.memory.used", "max(Value)"), unit="bytes"), 12, 8),
+        (timeseries("GPU temperature", _gpu_series("gpu.temperature", "max(Value)"), unit="celsius"), 12, 8),
+        (timeseries("GPU power draw", _gpu_series("gpu.power.draw"), unit="watt"), 12, 8),
+        (timeseries("SM clock", _gpu_series("gpu.clock.sm"), unit="hertz",
+                    description="MHz; drops under thermal or power slowdown"), 12, 8),
+        (timeseries("GPUs throttled, by reason", f"""
+SELECT $__timeInterval(TimeUnix) AS time, Attributes['gpu.throttle.reason'] AS reason,
+       uniqExactIf(({_NODE}, {_GPU}), Value > 0) AS gpus
+FROM otel_metrics_gauge
+WHERE MetricName = 'gpu.throttle' AND Attributes['gpu.throttle.reason'] != 'gpu_idle' AND {_GPU_WHERE}
+GROUP BY time, reason
+ORDER BY time""", stacked=True, bars=True), 12, 8),
+        (table("XID and ECC errors by GPU", f"""
+SELECT node, gpu,
+       sumIf(errors, MetricName = 'gpu.xid.errors') AS xid_errors,
+       arrayStringConcat(arraySort(groupUniqArrayIf(xid, MetricName = 'gpu.xid.errors' AND errors > 0)), ',') AS xid_codes,
+       sumIf(errors, MetricName = 'gpu.ecc.errors' AND ecc = 'corrected') AS ecc_corrected,
+       sumIf(errors, MetricName = 'gpu.ecc.errors' AND ecc = 'uncorrected') AS ecc_uncorrected
+FROM (
+  SELECT {_NODE} AS node, {_GPU} AS gpu, MetricName, Attributes['gpu.xid'] AS xid,
+         Attributes['gpu.ecc.type'] AS ecc, {_INCREASE} AS errors
+  FROM otel_metrics_sum
+  WHERE MetricName IN ('gpu.xid.errors', 'gpu.ecc.errors') AND {_GPU_WHERE}
+  GROUP BY node, gpu, MetricName, xid, ecc)
+GROUP BY node, gpu
+ORDER BY xid_errors + ecc_uncorrected DESC, node, gpu""",
+               description="Increase of the cumulative counters over the time range (from zero for a "
+                           "counter that started inside it)."), 12, 8),
+        (table("Utilization by node and GPU", f"""
+SELECT {_NODE} AS node,
+       {heat_cols}
+FROM otel_metrics_gauge
+WHERE MetricName = 'gpu.utilization' AND {_GPU_WHERE}
+GROUP BY node
+ORDER BY node""", unit="percentunit", heat=True,
+               description="Mean utilization per GPU over the range: one row per node, one cell per GPU."), 24, 8),
+    ]
+    return dashboard("stethoscope-fleet", _TITLES["stethoscope-fleet"], tags=["gpu"], panels=panels,
+                     description="Utilization, memory, temperature, power, clocks, throttling, XID and ECC per GPU.",
+                     variables=[_cluster_var(), _node_var(), _gpu_var()], annotation_sql=_annotation(False),
+                     links=_links("stethoscope-fleet"))
+
+
+# ---------------------------------------------------------------- training
+
+def _train_series(metric: str) -> str:
+    return f"""
+SELECT $__timeInterval(TimeUnix) AS time, Attributes['stethoscope.train.job'] AS job, avg(Value) AS value
+FROM otel_metrics_gauge
+WHERE MetricName = 'stethoscope.train.{metric}' AND {_JOB_WHERE}
+GROUP BY time, job
+ORDER BY time"""
+
+
+def training() -> Json:
+    job_var = query_variable("job", "Job", """
+        SELECT DISTINCT Attributes['stethoscope.train.job'] FROM otel_metrics_gauge
+        WHERE MetricName = 'stethoscope.train.step' AND $__timeFilter(TimeUnix) ORDER BY 1""")
+    panels = [
+        (timeseries("Loss", _train_series("loss")), 12, 8),
+        (timeseries("Gradient norm", _train_series("grad_norm")), 12, 8),
+        (timeseries("Throughput", f"""
+SELECT $__timeInterval(TimeUnix) AS time, Attributes['stethoscope.train.job'] AS job,
+       sumIf(Value, MetricName = 'stethoscope.train.tokens') / $__interval_s AS tokens_per_s
+FROM otel_metrics_gauge
+WHERE MetricName = 'stethoscope.train.tokens' AND {_JOB_WHERE}
+GROUP BY time, job
+ORDER BY time""", unit="short", description="Tokens per second, summed over ranks."), 12, 8),
+        (timeseries("Step phases", f"""
+SELECT $__timeInterval(TimeUnix) AS time, Attributes['stethoscope.train.phase'] AS phase, avg(Value) AS seconds
+FROM otel_metrics_gauge
+WHERE MetricName = 'stethoscope.train.phase.time' AND {_JOB_WHERE}
+GROUP BY time, phase
+ORDER BY time""", unit="s", stacked=True, bars=True, description="Mean time per step in each phase."), 12, 8),
+        (timeseries("Step time by rank", f"""
+SELECT $__timeInterval(TimeUnix) AS time, concat('rank ', Attributes['stethoscope.train.rank']) AS rank,
+       avg(Value) AS step_time
+FROM otel_metrics_gauge
+WHERE MetricName = 'stethoscope.train.step_time' AND {_JOB_WHERE}
+GROUP BY time, rank
+ORDER BY time""", unit="s"), 12, 8),
+        (timeseries("Input-bound share", f"""
+SELECT $__timeInterval(TimeUnix) AS time, Attributes['stethoscope.train.job'] AS job,
+       sumIf(Value, MetricName = 'stethoscope.train.data_wait')
+         / nullIf(sumIf(Value, MetricName = 'stethoscope.train.step_time'), 0) AS input_bound
+FROM otel_metrics_gauge
+WHERE MetricName IN ('stethoscope.train.data_wait', 'stethoscope.train.step_time') AND {_JOB_WHERE}
+GROUP BY time, job
+ORDER BY time""", unit="percentunit", description="Share of step time spent waiting for data."), 12, 8),
+        (table("Stragglers: step time per rank vs the job median", f"""
+SELECT job, rank, node, gpu, steps, step_time,
+       step_time / median(step_time) OVER (PARTITION BY job) AS vs_median
+FROM (
+  SELECT Attributes['stethoscope.train.job'] AS job, toUInt32OrZero(Attributes['stethoscope.train.rank']) AS rank,
+         any(Attributes['host.name']) AS node, any(Attributes['gpu.index']) AS gpu,
+         count() AS steps, avg(Value) AS step_time
+  FROM otel_metrics_gauge
+  WHERE MetricName = 'stethoscope.train.step_time' AND {_JOB_WHERE}
+  GROUP BY job, rank)
+ORDER BY vs_median DESC, job, rank""", description="A rank well above 1.0 slows every synchronous step."), 24, 8),
+        (stat("Non-finite values", f"""
+SELECT sum(Value) AS nonfinite FROM otel_metrics_sum
+WHERE MetricName = 'stethoscope.train.nonfinite' AND {_JOB_WHERE}""", decimals=0), 12, 4),
+        (stat("Latest step", f"""
+SELECT max(Value) AS step FROM otel_metrics_gauge
+WHERE MetricName = 'stethoscope.train.step' AND {_JOB_WHERE}""", decimals=0), 12, 4),
+    ]
+    return dashboard("stethoscope-training", _TITLES["stethoscope-training"], tags=["training"], panels=panels,
+                     description="Loss, gradient norm, throughput, step phases, stragglers and input stalls.",
+                     variables=[job_var], annotation_sql=_annotation(False), links=_links("stethoscope-training"))
+
+
+# ---------------------------------------------------------------- inference
+
+def _latency_sql() -> str:
+    quantiles = ",\n       ".join(f"{bucket_quantile_sql(q)} AS p{round(q * 100)}" for q in (0.5, 0.9, 0.99))
+    return f"""
+SELECT t AS time,
+       {quantiles}
+FROM (
+  SELECT $__timeInterval(TimeUnix) AS t, sumForEach(BucketCounts) AS counts, any(ExplicitBounds) AS bounds
+  FROM otel_metrics_histogram
+  WHERE MetricName = 'stethoscope.model.latency' AND {_MODEL_ATTR_WHERE}
+  GROUP BY t)
+ORDER BY time"""
+
+
+def inference() -> Json:
+    panels = [
+        (stat("Requests", f"""
+SELECT sum(Value) AS requests FROM otel_metrics_sum
+WHERE MetricName = 'stethoscope.model.requests' AND {_MODEL_ATTR_WHERE}""", decimals=0), 8, 4),
+        (stat("Error share", f"""
+SELECT sumIf(Value, MetricName = 'stethoscope.model.errors')
+       / nullIf(sumIf(Value, MetricName = 'stethoscope.model.requests'), 0) AS error_share
+FROM otel_metrics_sum
+WHERE MetricName IN ('stethoscope.model.errors', 'stethoscope.model.requests') AND {_MODEL_ATTR_WHERE}""",
+              unit="percentunit"), 8, 4),
+        (stat("Mean latency", f"""
+SELECT sum(Sum) / nullIf(sum(Count), 0) AS latency_ms FROM otel_metrics_histogram
+WHERE MetricName = 'stethoscope.model.latency' AND {_MODEL_ATTR_WHERE}""", unit="ms"), 8, 4),
+        (timeseries("Requests per second", f"""
+SELECT $__timeInterval(TimeUnix) AS time,
+       concat(Attributes['stethoscope.model'], ' v', Attributes['stethoscope.model.version']) AS model,
+       sum(Value) / $__interval_s AS rps
+FROM otel_metrics_sum
+WHERE MetricName = 'stethoscope.model.requests' AND {_MODEL_ATTR_WHERE}
+GROUP BY time, model
+ORDER BY time""", unit="reqps"), 12, 8),
+        (timeseries("Latency p50 / p90 / p99", _latency_sql(), unit="ms",
+                    description="Quantiles interpolated inside the latency histogram's buckets."), 12, 8),
+        (timeseries("Errors per second, by kind", f"""
+SELECT $__timeInterval(TimeUnix) AS time, Attributes['stethoscope.error.kind'] AS kind,
+       sum(Value) / $__interval_s AS errors
+FROM otel_metrics_sum
+WHERE MetricName = 'stethoscope.model.errors' AND {_MODEL_ATTR_WHERE}
+GROUP BY time, kind
+ORDER BY time""", unit="reqps", stacked=True), 12, 8),
+        (table("Per model version", f"""
+SELECT Attributes['stethoscope.model'] AS model, Attributes['stethoscope.model.version'] AS version,
+       sumIf(Value, MetricName = 'stethoscope.model.requests') AS requests,
+       sumIf(Value, MetricName = 'stethoscope.model.errors') AS errors,
+       errors / nullIf(requests, 0) AS error_share
+FROM otel_metrics_sum
+WHERE MetricName IN ('stethoscope.model.requests', 'stethoscope.model.errors') AND {_MODEL_ATTR_WHERE}
+GROUP BY model, version
+ORDER BY requests DESC"""), 12, 8),
+    ]
+    return dashboard("stethoscope-inference", _TITLES["stethoscope-inference"], tags=["models"], panels=panels,
+                     description="Request rate, latency quantiles from the histogram buckets, and errors.",
+                     variables=_model_vars("metrics"), annotation_sql=_annotation(True),
+                     links=_links("stethoscope-inference"))
+
+
+# ---------------------------------------------------------------- drift
+
+def _finding_series(kind: str, series: str, value: str = "max(Statistic)") -> str:
+    return f"""
+SELECT $__timeInterval(Time) AS time, {series} AS series, {value} AS value
+FROM findings
+WHERE Kind = '{kind}' AND $__timeFilter(Time) AND {_MODEL_COL}
+GROUP BY time, series
+ORDER BY time"""
+
+
+def drift() -> Json:
+    panels = [
+        (table("Per-feature drift (latest window)", f"""
+SELECT Model AS model, ModelVersion AS version, Feature AS feature,
+       argMax(Method, Time) AS method, argMax(Statistic, Time) AS statistic, argMax(PValue, Time) AS p_value,
+       argMax(Effect, Time) AS effect, argMax(Severity, Time) AS severity, argMax(Drifted, Time) AS drifted,
+       max(Time) AS checked
+FROM findings
+WHERE Kind = 'feature_drift' AND $__timeFilter(Time) AND {_MODEL_COL}
+GROUP BY model, version, feature
+ORDER BY drifted DESC, effect DESC""", description="The most recent feature_drift finding per feature."), 24, 8),
+        (timeseries("Drift statistic by feature",
+                    _finding_series("feature_drift", "concat(Model, ' ', Feature)")), 12, 8),
+        (timeseries("Share of drifted features",
+                    _finding_series("dataset_drift", "concat(Model, ' v', ModelVersion)"), unit="percentunit"), 12, 8),
+        (timeseries("Confidence coefficient of variation",
+                    _finding_series("confidence_cv", "concat(Model, ' v', ModelVersion)")), 12, 8),
+        (timeseries("Predictions: sampled rows and estimated total", f"""
+SELECT $__timeInterval(Timestamp) AS time, count() AS sampled_rows, sum(AdjustedCount) AS estimated_predictions
+FROM samples
+WHERE $__timeFilter(Timestamp) AND {_MODEL_COL}
+GROUP BY time
+ORDER BY time"""), 12, 8),
+        (timeseries("Sampling probability", f"""
+SELECT $__timeInterval(TimeUnix) AS time, concat(Attributes['stethoscope.model'], '/', Attributes['stethoscope.stream']) AS stream,
+       avg(Value) AS probability
+FROM otel_metrics_gauge
+WHERE MetricName = 'stethoscope.model.sampling.probability' AND {_MODEL_ATTR_WHERE}
+GROUP BY time, stream
+ORDER BY time""", unit="percentunit"), 12, 8),
+        (table("Samples by stream", f"""
+SELECT Model AS model, ModelVersion AS version, Stream AS stream, count() AS sampled_rows,
+       sum(AdjustedCount) AS estimated_predictions, sampled_rows / nullIf(estimated_predictions, 0) AS sampling_rate,
+       countIf(Uncertain) AS uncertain_rows, avg(Confidence) AS mean_confidence
+FROM samples
+WHERE $__timeFilter(Timestamp) AND {_MODEL_COL}
+GROUP BY model, version, stream
+ORDER BY estimated_predictions DESC"""), 12, 8),
+    ]
+    return dashboard("stethoscope-drift", _TITLES["stethoscope-drift"], tags=["models", "drift"], panels=panels,
+                     description="Per-feature drift findings, drift over time, confidence CV and sampled rows.",
+                     variables=_model_vars("samples"), annotation_sql=_annotation(True),
+                     links=_links("stethoscope-drift"))
+
+
+# ---------------------------------------------------------------- cost
+
+_GPU_INTERVALS = f"""
+  SELECT $__timeInterval(TimeUnix) AS t, {_NODE} AS node, {_GPU} AS gpu, avg(Value) AS util
+  FROM otel_metrics_gauge
+  WHERE MetricName = 'gpu.utilization' AND {_GPU_WHERE}
+  GROUP BY t, node, gpu"""
+_HOURS = "count() * $__interval_s / 3600"
+_IDLE_HOURS = f"countIf(util < {IDLE_UTILIZATION}) * $__interval_s / 3600"
+
+
+def cost() -> Json:
+    requests = """(SELECT sum(Value) FROM otel_metrics_sum
+   WHERE MetricName = 'stethoscope.model.requests' AND $__timeFilter(TimeUnix)
+   AND $__conditionalAll(Attributes['stethoscope.model'] IN ($model), $model))"""
+    panels = [
+        (stat("GPU hours", f"SELECT {_HOURS} AS gpu_hours FROM ({_GPU_INTERVALS})", decimals=1), 6, 4),
+        (stat("GPU cost", f"SELECT {_HOURS} * $gpu_hour_price AS cost FROM ({_GPU_INTERVALS})",
+              unit="currencyUSD"), 6, 4),
+        (stat("Idle cost", f"SELECT {_IDLE_HOURS} * $gpu_hour_price AS idle_cost FROM ({_GPU_INTERVALS})",
+              unit="currencyUSD", description=f"GPU intervals with mean utilization below {IDLE_UTILIZATION}."), 6, 4),
+        (stat("GPU cost per 1,000 predictions", f"""
+SELECT {_HOURS} * $gpu_hour_price / nullIf({requests} / 1000, 0) AS cost_per_1k
+FROM ({_GPU_INTERVALS})""", unit="currencyUSD"), 6, 4),
+        (timeseries("GPU cost over time", f"""
+SELECT t AS time, {_HOURS} * $gpu_hour_price AS busy_and_idle, {_IDLE_HOURS} * $gpu_hour_price AS idle
+FROM ({_GPU_INTERVALS})
+GROUP BY t
+ORDER BY time""", unit="currencyUSD", bars=True), 24, 8),
+        (table("Cost by node", f"""
+SELECT node, uniqExact(gpu) AS gpus, {_HOURS} AS gpu_hours, {_IDLE_HOURS} AS idle_gpu_hours,
+       gpu_hours * $gpu_hour_price AS cost, idle_gpu_hours * $gpu_hour_price AS idle_cost, avg(util) AS utilization
+FROM ({_GPU_INTERVALS})
+GROUP BY node
+ORDER BY cost DESC"""), 12, 8),
+        (table("Declared cost per 1,000 predictions, by model", """
+SELECT Attributes['stethoscope.model'] AS model,
+       sumIf(Value, MetricName = 'stethoscope.model.requests') AS predictions,
+       sumIf(Value, MetricName = 'stethoscope.model.business' AND Attributes['stethoscope.business.name'] = 'cost') AS declared_cost,
+       declared_cost / nullIf(predictions, 0) * 1000 AS cost_per_1k
+FROM otel_metrics_sum
+WHERE MetricName IN ('stethoscope.model.requests', 'stethoscope.model.business') AND $__timeFilter(TimeUnix)
+  AND $__conditionalAll(Attributes['stethoscope.model'] IN ($model), $model)
+GROUP BY model
+ORDER BY predictions DESC""", description="From the SDK's cost_per_prediction (business metric 'cost')."), 12, 8),
+    ]
+    model_var = query_variable("model", "Model", """
+        SELECT DISTINCT Attributes['stethoscope.model'] FROM otel_metrics_sum
+        WHERE MetricName = 'stethoscope.model.requests' AND $__timeFilter(TimeUnix) ORDER BY 1""")
+    return dashboard("stethoscope-cost", _TITLES["stethoscope-cost"], tags=["cost"], panels=panels,
+                     description="GPU hours times $gpu_hour_price, idle cost, and cost per 1,000 predictions.",
+                     variables=[_cluster_var(), _node_var(), _gpu_var(), model_var,
+                                constant_variable("gpu_hour_price", DEFAULT_GPU_HOUR_PRICE, "Price per GPU hour")],
+                     annotation_sql=_annotation(False), links=_links("stethoscope-cost"))
+
+
+# ---------------------------------------------------------------- alerts
+
+_ALERT_WHERE = ("$__timeFilter(Time) AND Severity != 'info'"
+                " AND $__conditionalAll(Severity IN ($severity), $severity)"
+                " AND $__conditionalAll(Kind IN ($kind), $kind)")
+
+
+def alerts() -> Json:
+    kind_var = query_variable("kind", "Kind", """
+        SELECT DISTINCT Kind FROM findings WHERE $__timeFilter(Time) AND Severity != 'info' ORDER BY 1""")
+    panels = [
+        (timeseries("Findings over time, by severity", f"""
+SELECT $__timeInterval(Time) AS time, Severity AS severity, count() AS findings
+FROM findings
+WHERE {_ALERT_WHERE}
+GROUP BY time, severity
+ORDER BY time""", stacked=True, bars=True), 16, 8),
+        (barchart("Findings by kind", f"""
+SELECT Kind AS kind, countIf(Severity = 'warning') AS warning, countIf(Severity = 'critical') AS critical
+FROM findings
+WHERE {_ALERT_WHERE}
+GROUP BY kind
+ORDER BY critical + warning DESC"""), 8, 8),
+        (table("Findings", f"""
+SELECT Time AS time, Severity AS severity, Kind AS kind, Subject AS subject, Method AS method,
+       Statistic AS statistic, PValue AS p_value, Effect AS effect, Details AS details
+FROM findings
+WHERE {_ALERT_WHERE}
+ORDER BY time DESC
+LIMIT 500"""), 24, 12),
+    ]
+    return dashboard("stethoscope-alerts", _TITLES["stethoscope-alerts"], tags=["alerts"], panels=panels,
+                     description="Warning and critical findings over time and as a table.",
+                     variables=[custom_variable("severity", "Severity", ["warning", "critical"]), kind_var],
+                     annotation_sql=_annotation(False), links=_links("stethoscope-alerts"))
+
+
+#: File stem -> builder.
+DASHBOARDS = {"fleet": fleet, "training": training, "inference": inference, "drift": drift, "cost": cost,
+              "alerts": alerts}
+
+
+def build_all() -> list[Json]:
+    """Every dashboard, in :data:`DASHBOARDS` order."""
+    return [make() for make in DASHBOARDS.values()]
