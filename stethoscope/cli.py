@@ -265,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     dashboards_cli.add_arguments(db)
     db.set_defaults(func=dashboards_cli.run)
 
+    from .dashboards import report as report_cli
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report of the dashboards for a time range")
+    report_cli.add_arguments(rp)
+    rp.set_defaults(func=report_cli.run)
+
     cf = sub.add_parser("config", help="list settings, or check a configuration file")
     cf.add_argument("action", choices=["list", "check"])
     cf.add_argument("--config", help="TOML configuration file to check")
