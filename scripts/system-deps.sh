@@ -1,12 +1,13 @@
 #!/bin/sh
 # Debian packages the test suite uses: real Prometheus scrapes the agent's /metrics,
-# and headless Chromium renders the HTML report.
+# real Alertmanager receives alerts, and headless Chromium renders the HTML report.
 # Installs what is missing (as root, or through sudo); tests that need a missing
 # binary skip with a message naming this script.
 set -eu
 missing=""
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v prometheus-alertmanager >/dev/null 2>&1 || missing="$missing prometheus-alertmanager"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
   echo "system-deps: cannot install$missing (not root, no sudo); the tests that need them will skip" >&2

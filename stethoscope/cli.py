@@ -212,6 +212,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from .alerts import DEFAULT_RULES, check
+
+    paths = args.paths or [DEFAULT_RULES]
+    problems = check(paths)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems:
+        print(f"{', '.join(map(str, paths))}: ok")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stethoscope", description=__doc__)
     p.add_argument("--version", action="version", version=f"stethoscope {__version__}")
@@ -270,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write a self-contained HTML report of the dashboards for a time range")
     report_cli.add_arguments(rp)
     rp.set_defaults(func=report_cli.run)
+
+    al = sub.add_parser("alerts", help="alert rules")
+    al_sub = al.add_subparsers(dest="alerts_command", required=True)
+    alc = al_sub.add_parser("check", help="validate rule files, reporting every problem with its file and line")
+    alc.add_argument("paths", nargs="*", help="rule files or folders (default: the shipped default pack)")
+    alc.set_defaults(func=cmd_alerts)
 
     cf = sub.add_parser("config", help="list settings, or check a configuration file")
     cf.add_argument("action", choices=["list", "check"])

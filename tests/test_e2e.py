@@ -212,3 +212,14 @@ def test_main_job_up_with_agent_stores_host_metrics(tmp_path):
         assert proc.wait(60) == 0
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_alerts_check_command(tmp_path):
+    ok = subprocess.run(_cli("alerts", "check"), capture_output=True, timeout=60)
+    assert ok.returncode == 0 and b"default.yaml: ok" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - name: x\n    match: {kind: gpu_temp}\n    severity: urgent\n")
+    out = subprocess.run(_cli("alerts", "check", str(bad)), capture_output=True, timeout=60)
+    assert out.returncode == 1
+    assert f"{bad}:4: rule 'x': severity must be one of".encode() in out.stderr
+    assert f"{bad}:2: rule 'x': annotations.summary is required".encode() in out.stderr
