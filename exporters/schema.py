@@ -9,7 +9,8 @@ sub-second telemetry (per-step training timings) keeps its precision.
 Beside them live Stethoscope's own tables: ``samples`` (model rows sampled by
 the in-process SDK), ``labels`` (delayed ground truth, joined to samples on
 ``RequestId``), ``sampling_config`` (the sampling overrides served on
-``/v1/sampling``) and ``findings`` (what analytics concluded, for alert rules).
+``/v1/sampling``), ``findings`` (what analytics concluded, for alert rules) and
+``alerts`` (snapshots of the alert engine's state, see :mod:`stethoscope.alerts.schema`).
 
 Every statement is idempotent (``IF NOT EXISTS``); changes after the first
 release go in :data:`MIGRATIONS` and are recorded in ``schema_migrations``.
@@ -17,7 +18,10 @@ release go in :data:`MIGRATIONS` and are recorded in ``schema_migrations``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from stethoscope.alerts.schema import ALERTS_DDL
 
 __all__ = [
     "Table",
@@ -29,6 +33,7 @@ __all__ = [
     "LABELS_TABLE",
     "SAMPLING_CONFIG_TABLE",
     "FINDINGS_TABLE",
+    "ALERTS_TABLE",
     "MIGRATIONS",
     "SchemaOptions",
     "create_statements",
@@ -312,6 +317,31 @@ FINDINGS_TABLE = Table(
     ttl_column="Time",
 )
 
+
+def _table_from_ddl(ddl: str) -> Table:
+    """A :class:`Table` from a plain ``CREATE TABLE`` (one column per line, MergeTree, ORDER BY).
+
+    Lets a module outside ``exporters`` own its table's definition (one source of truth)
+    while the table is still created and migrated like every other.
+    """
+    name = re.search(r"CREATE TABLE IF NOT EXISTS (\w+)", ddl)
+    order = re.search(r"^ORDER BY (.+)$", ddl, re.M)
+    engine = re.search(r"^ENGINE = (\w+)\s*$", ddl, re.M)
+    cols = tuple(
+        (m.group(1), m.group(2), m.group(3))
+        for m in re.finditer(r"^\s+(\w+) (.+?) (CODEC\(.*\)),?\s*$", ddl, re.M)
+    )
+    if not (name and order and engine and cols):
+        raise AssertionError(f"cannot read table definition: {ddl}")
+    return Table(name=name.group(1), columns=cols, order_by=order.group(1).strip(), partition_by="",
+                 ttl_column="", engine=engine.group(1))
+
+
+#: Snapshots of alert state (:mod:`stethoscope.alerts.schema` owns the definition);
+#: written by :class:`stethoscope.alerts.runner.AlertRunner`, one snapshot per run. No TTL
+#: (no time column); old versions may be deleted with ``ALTER TABLE alerts DELETE WHERE Version < ...``.
+ALERTS_TABLE = _table_from_ddl(ALERTS_DDL)
+
 #: Every table Stethoscope creates and keeps the TTL of (``schema_migrations`` aside).
 TABLES: dict[str, Table] = {
     **{t.name: t for t in METRIC_TABLES.values()},
@@ -320,6 +350,7 @@ TABLES: dict[str, Table] = {
     LABELS_TABLE.name: LABELS_TABLE,
     SAMPLING_CONFIG_TABLE.name: SAMPLING_CONFIG_TABLE,
     FINDINGS_TABLE.name: FINDINGS_TABLE,
+    ALERTS_TABLE.name: ALERTS_TABLE,
 }
 
 
@@ -484,4 +515,5 @@ MIGRATIONS: tuple[Migration, ...] = (
         _migration_ddl(SAMPLES_TABLE, LABELS_TABLE, SAMPLING_CONFIG_TABLE),
     ),
     Migration(3, "findings table for analytics results", _migration_ddl(FINDINGS_TABLE)),
+    Migration(4, "alerts table for alert state snapshots", _migration_ddl(ALERTS_TABLE)),
 )

@@ -19,6 +19,7 @@ from .sql_http import SqlHandler
 from .store import Store, open_store
 
 if TYPE_CHECKING:
+    from stethoscope.alerts.runner import AlertRunner
     from stethoscope.analytics.scheduler import DriftScheduler
 
 __all__ = ["Service", "open_configured_store"]
@@ -81,6 +82,7 @@ class Service:
         self.sampling: SamplingConfig | None = None
         self.ingestor: Ingestor | None = None
         self.scheduler: DriftScheduler | None = None
+        self.alerts: AlertRunner | None = None
         self.otlp: Listener | None = None
         self.sql: Listener | None = None
         self._stopped = threading.Event()
@@ -114,6 +116,11 @@ class Service:
             if cfg.analytics.enabled:
                 self.scheduler = _drift_scheduler(cfg, self.store)
                 self.scheduler.start()
+            if cfg.alerts.enabled:
+                from stethoscope.alerts.runner import runner_from_config
+
+                self.alerts = runner_from_config(cfg, self.store)
+                self.alerts.start()
             decoder = MetricsDecoder(cfg.collector.decoder)
             log.info("OTLP metrics decoding: %s", decoder.implementation)
             self.otlp = Listener(
@@ -165,6 +172,8 @@ class Service:
         self._stopped.set()
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.alerts is not None:
+            self.alerts.stop()
         if self.otlp is not None:
             self.otlp.stop()
         if self.ingestor is not None:

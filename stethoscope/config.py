@@ -37,6 +37,7 @@ __all__ = [
     "SqlConfig",
     "AgentConfig",
     "AnalyticsConfig",
+    "AlertsConfig",
     "load_config",
     "parse_duration",
     "ENV_PREFIX",
@@ -134,6 +135,12 @@ def _reference(v: str) -> str | None:
 def _correction(v: str) -> str | None:
     ok = ("bh", "bonferroni")
     return None if v in ok else f"must be one of {', '.join(ok)}, got {v!r}"
+
+
+def _env_name(v: str) -> str | None:
+    if v == "" or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+        return None
+    return f"expected the name of an environment variable, got {v!r}"
 
 
 def _setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
@@ -255,6 +262,28 @@ class AnalyticsConfig:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    """Alert rules evaluated over findings inside ``up``, and where notifications go."""
+
+    enabled: bool = _setting(True, "Evaluate alert rules on new findings and send notifications.")
+    interval: str = _setting("30s", "How often new findings are evaluated against the rules.", _positive_duration)
+    rules: tuple[str, ...] = _setting(
+        (), "Extra rule files or folders (their .yaml files); the default rule pack always loads."
+    )
+    alertmanager_url: str = _setting("", "Alertmanager base URL (API v2); empty sends nothing there.", _http_url)
+    webhook_url: str = _setting("", "Signed generic webhook URL; empty sends nothing there.", _http_url)
+    webhook_secret_env: str = _setting(
+        "STETHOSCOPE_WEBHOOK_SECRET", "Name of the environment variable holding the webhook signing secret.", _env_name
+    )
+    pagerduty_routing_key_env: str = _setting(
+        "", "Name of the environment variable holding the PagerDuty Events v2 routing key; empty turns PagerDuty off.",
+        _env_name,
+    )
+    slack_webhook_url: str = _setting("", "Slack incoming webhook URL; empty sends nothing there.", _http_url)
+    repeat_interval: str = _setting("4h", "How long before a still-firing alert is notified again.", _positive_duration)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -263,6 +292,7 @@ class Config:
     sql: SqlConfig = field(default_factory=SqlConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     analytics: AnalyticsConfig = field(default_factory=AnalyticsConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     log_level: str = _setting("INFO", "Logging level.", _log_level)
 
 
@@ -272,6 +302,7 @@ _SECTION_TYPES = {
     "sql": SqlConfig,
     "agent": AgentConfig,
     "analytics": AnalyticsConfig,
+    "alerts": AlertsConfig,
 }
 
 
