@@ -20,12 +20,12 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..analytics.findings import COLUMNS as FINDING_COLUMNS
+from .._periodic import Periodic
 from ..analytics.findings import Finding
 from .notifiers import AlertmanagerNotifier, Delivery, Notifier, PagerDutyNotifier, SlackNotifier, WebhookNotifier
 from .schema import COLUMNS, from_rows, to_rows
@@ -69,13 +69,17 @@ def _finding(row: Mapping[str, Any]) -> Finding:
                    details=details if isinstance(details, dict) else {}, labels=dict(row.get("Labels") or {}), **kw)
 
 
-class AlertRunner:
+class AlertRunner(Periodic):
     """Evaluates ``engine`` on new findings every ``interval_s`` and sends to ``notifiers`` (name -> notifier).
 
     ``run_once`` may be called directly with explicit times; ``start`` runs it on a
     daemon thread until ``stop``. The thread never dies: each kind of error is logged
     once with its traceback, later ones at debug level, and counted in :attr:`errors`.
     """
+
+    _thread_name = "stethoscope-alerts"
+    _run_name = "alert run"
+    _log = log
 
     def __init__(self, store: Any, engine: AlertEngine, notifiers: Mapping[str, Notifier], *, interval_s: float = 30.0,
                  clock: Callable[[], float] = time.time) -> None:
@@ -88,49 +92,12 @@ class AlertRunner:
         self.notifiers = dict(notifiers)
         self.interval_s = float(interval_s)
         self.clock = clock
-        #: Errors caught by the background loop, by exception type name.
-        self.errors: dict[str, int] = {}
+        self._init_periodic()
         #: Deliveries of the latest run.
         self.deliveries: list[Delivery] = []
         self._cursor_ms: int | None = None  # newest findings Time seen (ms); None until loaded
         self._version = 0  # newest snapshot version (ms)
         self._loaded = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    # --- the loop ------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Run :meth:`run_once` every ``interval_s`` on a daemon thread (first run after one interval)."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="stethoscope-alerts", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread; a run in progress finishes first. Idempotent."""
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.run_once()
-            except Exception as exc:  # the loop must outlive any one run
-                self._record_error(exc, "alert run")
-
-    def _record_error(self, exc: Exception, what: str) -> None:
-        kind = type(exc).__name__
-        first = kind not in self.errors
-        self.errors[kind] = self.errors.get(kind, 0) + 1
-        if first:
-            log.warning("%s failed (%s; later errors of this kind are logged at debug level)", what, kind,
-                        exc_info=exc)
-        else:
-            log.debug("%s failed: %s", what, exc)
 
     # --- state ---------------------------------------------------------------------------
 

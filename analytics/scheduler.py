@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .._extras import require
+from .._periodic import Periodic
 from .calibration import Calibration
 from .dataset import ColumnError, DatasetDrift
 from .findings import Finding, FindingsWriter, from_drift_result, subject_of
@@ -80,7 +80,7 @@ class _Window:
         return int(self.features.shape[0])
 
 
-class DriftScheduler:
+class DriftScheduler(Periodic):
     """Runs the drift checks on ``samples`` every ``interval_s`` and writes ``findings``.
 
     ``run_once`` may be called directly (tests, one-off jobs); ``start`` runs it on a
@@ -88,6 +88,10 @@ class DriftScheduler:
     error is logged once with its traceback, later ones at debug level, and counted
     in :attr:`errors`.
     """
+
+    _thread_name = "stethoscope-drift"
+    _run_name = "drift run"
+    _log = log
 
     def __init__(
         self,
@@ -121,44 +125,7 @@ class DriftScheduler:
         self.calibration = calibration or Calibration()
         self.clock = clock
         self.writer = FindingsWriter(store)
-        #: Errors caught by the background loop or per stream, by exception type name.
-        self.errors: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    # --- the loop ------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Run :meth:`run_once` every ``interval_s`` on a daemon thread (first run after one interval)."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="stethoscope-drift", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the thread; a run in progress finishes first. Idempotent."""
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.run_once()
-            except Exception as exc:  # the loop must outlive any one run
-                self._record_error(exc, "drift run")
-
-    def _record_error(self, exc: Exception, what: str) -> None:
-        kind = type(exc).__name__
-        first = kind not in self.errors
-        self.errors[kind] = self.errors.get(kind, 0) + 1
-        if first:
-            log.warning("%s failed (%s; later errors of this kind are logged at debug level)", what, kind,
-                        exc_info=exc)
-        else:
-            log.debug("%s failed: %s", what, exc)
+        self._init_periodic()  # errors: caught by the loop or per stream, by exception type name
 
     # --- one run -------------------------------------------------------------------------
 
