@@ -34,6 +34,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "CORRECTIONS",
+    "check_alpha_threshold",
     "DEFAULT_THRESHOLDS",
     "Calibration",
     "adjust_pvalues",
@@ -161,3 +162,25 @@ class Calibration:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_alpha_threshold(alpha, threshold, measure: str, uses_p_value: bool) -> tuple[list[str], float]:
+    """Problems with a detector's ``alpha`` and ``threshold``, and the threshold to use.
+
+    ``threshold=None`` takes :data:`DEFAULT_THRESHOLDS` for ``measure``.
+
+    >>> check_alpha_threshold(0.05, None, "psi", False)
+    ([], 0.2)
+    >>> check_alpha_threshold(2, 0, "psi", False)[0]
+    ['alpha: must be in (0, 1), got 2', 'threshold: a distance-only detector needs a threshold > 0']
+    """
+    problems = []
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        problems.append(f"alpha: must be in (0, 1), got {alpha!r}")
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLDS[measure]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+        problems.append(f"threshold: must be a finite number >= 0, got {threshold!r}")
+    elif not uses_p_value and threshold == 0:
+        problems.append("threshold: a distance-only detector needs a threshold > 0")
+    return problems, threshold

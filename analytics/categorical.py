@@ -36,7 +36,7 @@ import numpy as np
 
 from .._extras import require
 from ..errors import ConfigError
-from .calibration import DEFAULT_THRESHOLDS
+from .calibration import check_alpha_threshold
 from .detector import DriftResult, register
 
 __all__ = [
@@ -220,15 +220,7 @@ class _Categorical(ABC):
     uses_p_value = False
 
     def __init__(self, *, alpha: float = 0.05, threshold: float | None = None) -> None:
-        problems = []
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-            problems.append(f"alpha: must be in (0, 1), got {alpha!r}")
-        if threshold is None:
-            threshold = DEFAULT_THRESHOLDS[self.measure]
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
-            problems.append(f"threshold: must be a finite number >= 0, got {threshold!r}")
-        elif not self.uses_p_value and threshold == 0:
-            problems.append("threshold: a distance-only detector needs a threshold > 0")
+        problems, threshold = check_alpha_threshold(alpha, threshold, self.measure, self.uses_p_value)
         if problems:
             raise ConfigError(problems)
         self.alpha, self.threshold = float(alpha), float(threshold)

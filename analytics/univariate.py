@@ -41,7 +41,7 @@ import numpy as np
 
 from .._extras import require
 from ..errors import ConfigError
-from .calibration import DEFAULT_THRESHOLDS
+from .calibration import check_alpha_threshold
 from .categorical import hellinger, jensen_shannon, kl_divergence, psi
 from .detector import DriftResult, register
 
@@ -351,15 +351,7 @@ class _Numeric(ABC):
     uses_p_value = False
 
     def __init__(self, *, alpha: float = 0.05, threshold: float | None = None, bins: int = DEFAULT_BINS) -> None:
-        problems = []
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-            problems.append(f"alpha: must be in (0, 1), got {alpha!r}")
-        if threshold is None:
-            threshold = DEFAULT_THRESHOLDS[self.measure]
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
-            problems.append(f"threshold: must be a finite number >= 0, got {threshold!r}")
-        elif not self.uses_p_value and threshold == 0:
-            problems.append("threshold: a distance-only detector needs a threshold > 0")
+        problems, threshold = check_alpha_threshold(alpha, threshold, self.measure, self.uses_p_value)
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
             problems.append(f"bins: must be an integer >= 2, got {bins!r}")
         if problems:
