@@ -16,6 +16,18 @@ poison record never blocks the queue. Consecutive records are concatenated into
 one request (protobuf concatenation of ``ExportMetricsServiceRequest`` appends
 their ``resource_metrics``) up to ``batch_max_records``/``batch_max_bytes``; a
 rejected batch is re-sent one record at a time so only the bad record is lost.
+
+Authentication and TLS: ``token`` is sent as ``Authorization: Bearer``;
+``ca_file`` is the CA bundle that verifies an ``https`` collector (with
+``client_cert_file``/``client_key_file`` for mutual TLS). When not given they
+fall back, as the OpenTelemetry OTLP exporter does, to
+``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_CERTIFICATE``,
+``OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`` and ``OTEL_EXPORTER_OTLP_CLIENT_KEY``
+(the ``..._METRICS_...`` variants first), read once when the sender is built,
+so either export path of the agent honours the same variables. A 401 or 403
+(token missing, wrong or without the ``ingest`` permission) keeps the data
+spooled and is retried with backoff like an outage, so fixing the token loses
+nothing; the warning names the status, never the token.
 """
 
 from __future__ import annotations
@@ -24,7 +36,9 @@ import email.utils
 import gzip
 import http.client
 import logging
+import os
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -39,12 +53,62 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult,
 
 from .spool import Spool, SpoolError
 
-__all__ = ["DeliveryStats", "Sender", "SpoolingExporter", "RETRYABLE_STATUS", "count_points"]
+__all__ = [
+    "DeliveryStats",
+    "Sender",
+    "SpoolingExporter",
+    "RETRYABLE_STATUS",
+    "count_points",
+    "bearer_headers",
+    "env_headers",
+    "client_tls_context",
+]
 
 _log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 """HTTP statuses OTLP/HTTP says to retry."""
+
+
+def bearer_headers(token: str | None) -> dict[str, str]:
+    """``{"Authorization": "Bearer <token>"}``, or nothing for an empty token.
+
+    >>> bearer_headers("abc"), bearer_headers("")
+    ({'Authorization': 'Bearer abc'}, {})
+    """
+    token = (token or "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _env(environ: Mapping[str, str], signal: str, name: str) -> str:
+    return environ.get(f"OTEL_EXPORTER_OTLP_{signal}_{name}") or environ.get(f"OTEL_EXPORTER_OTLP_{name}") or ""
+
+
+def env_headers(environ: Mapping[str, str], signal: str = "METRICS") -> dict[str, str]:
+    """Headers from ``OTEL_EXPORTER_OTLP_[<signal>_]HEADERS`` (``k=v,k2=v2``, values percent-encoded).
+
+    >>> env_headers({"OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20abc"})
+    {'authorization': 'Bearer abc'}
+    """
+    from opentelemetry.util.re import parse_env_headers
+
+    raw = _env(environ, signal, "HEADERS")
+    return dict(parse_env_headers(raw, liberal=True)) if raw else {}
+
+
+def client_tls_context(ca_file: str = "", client_cert_file: str = "", client_key_file: str = "") -> ssl.SSLContext:
+    """A client context (TLS 1.2 or later, hostname checked) trusting ``ca_file``, or the system CAs.
+
+    Raises ``ValueError`` naming a file that cannot be loaded.
+    """
+    ctx = ssl.create_default_context(cafile=ca_file or None) if ca_file else ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client_cert_file:
+        try:
+            ctx.load_cert_chain(client_cert_file, client_key_file or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the client certificate {client_cert_file}: {exc}") from exc
+    return ctx
 
 
 def count_points(metrics_data: MetricsData) -> int:
@@ -186,17 +250,36 @@ class Sender:
         retry_after_max_s: float = 300.0,
         max_attempts: int = 5,
         rng: random.Random | None = None,
+        token: str | None = None,
+        ca_file: str | None = None,
+        client_cert_file: str | None = None,
+        client_key_file: str | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"Sender needs an http(s) URL, got {url!r}")
+        environ = os.environ if environ is None else environ
+        signal = "LOGS" if parts.path.rstrip("/").endswith("/v1/logs") else "METRICS"
+        self._tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            try:
+                self._tls = client_tls_context(
+                    ca_file if ca_file is not None else _env(environ, signal, "CERTIFICATE"),
+                    client_cert_file if client_cert_file is not None else _env(environ, signal, "CLIENT_CERTIFICATE"),
+                    client_key_file if client_key_file is not None else _env(environ, signal, "CLIENT_KEY"),
+                )
+            except (OSError, ssl.SSLError) as exc:  # a CA bundle that will not load
+                raise ValueError(f"Sender: cannot load the CA file: {exc}") from exc
+        if not headers and not token:
+            headers = env_headers(environ, signal)
         self.spool = spool
         self.url = url
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._headers = {"Content-Type": "application/x-protobuf", **dict(headers or {})}
+        self._headers = {"Content-Type": "application/x-protobuf", **dict(headers or {}), **bearer_headers(token)}
         if gzip_body:
             self._headers["Content-Encoding"] = "gzip"
         self._gzip = gzip_body
@@ -361,7 +444,7 @@ class Sender:
             return
         what = f"HTTP {status}: {detail}" if status is not None else detail
         self._note_error(what)
-        retryable = status is None or status in RETRYABLE_STATUS or status == 408
+        retryable = status is None or status in RETRYABLE_STATUS or status in (401, 403, 408)
         if not retryable and len(batch) > 1:
             self._single_until = last_seq  # find the bad record without losing its neighbours
             return
@@ -423,8 +506,11 @@ class Sender:
             reused = conn is not None and not fresh
             if conn is None or fresh:
                 self._close_conn()
-                cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-                conn = self._conn = cls(self._host, self._port, timeout=self.timeout_s)
+                if self._https:
+                    conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s, context=self._tls)
+                else:
+                    conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
+                self._conn = conn
             try:
                 conn.request("POST", self._path, body=body, headers=self._headers)
                 resp = conn.getresponse()

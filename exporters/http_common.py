@@ -1,11 +1,13 @@
-"""What the HTTP listeners share: a threaded server, body reading, decompression,
-``/healthz`` and ``/metrics``."""
+"""What the HTTP listeners share: a threaded server (optionally TLS), body reading,
+decompression, bearer-token checks, ``/healthz`` and ``/metrics``."""
 
 from __future__ import annotations
 
 import gzip  # used by the doctest of decompress()
 import json
 import logging
+import socket
+import ssl
 import threading
 import zlib
 from collections.abc import Callable
@@ -13,11 +15,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import stethoscope
 
+from .auth import AuthFailure, TokenEntry, TokenSet, authorize, basic_password, bearer_token
 from .selfmetrics import SelfMetrics
 
 __all__ = ["Listener", "BaseHandler", "BodyError", "decompress"]
 
 log = logging.getLogger(__name__)
+
+
+#: A body at most this much over the limit is read and dropped before the 413, larger ones are not read.
+_DRAIN_MAX = 16 * 1024 * 1024
+#: The body of a request refused for its token is read and dropped up to this size.
+_AUTH_DRAIN_MAX = 1024 * 1024
 
 
 class BodyError(Exception):
@@ -90,16 +99,63 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 class Listener(ThreadingHTTPServer):
-    """A threaded HTTP server running in a background thread."""
+    """A threaded HTTP server running in a background thread.
+
+    With ``tls`` (a server :class:`ssl.SSLContext`) every connection is wrapped
+    in TLS on its own worker thread, so a slow or failed handshake never holds
+    up the accept loop; a failed handshake is counted as a reject
+    (``reason="tls_handshake"``) and the connection dropped. ``auth`` (a
+    :class:`~.auth.TokenSet`, or None for an open listener) is what handlers
+    check bearer tokens against.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 256
+    #: Seconds a client has to complete the TLS handshake.
+    handshake_timeout_s = 10.0
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], **context) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        tls: ssl.SSLContext | None = None,
+        auth: TokenSet | None = None,
+        **context,
+    ) -> None:
         super().__init__(address, handler)
+        self.tls = tls
+        context["auth"] = auth
         self.context = context
         self._thread: threading.Thread | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    def finish_request(self, request, client_address) -> None:  # runs on the worker thread
+        if self.tls is not None:
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request = self.tls.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (ssl.SSLError, OSError) as exc:
+                metrics = self.context.get("metrics")
+                if metrics is not None:
+                    endpoint = getattr(self.RequestHandlerClass, "endpoint", "http")
+                    metrics.rejects.labels(endpoint=endpoint, reason="tls_handshake").inc()
+                log.info("TLS handshake with %s failed: %s", client_address[0], getattr(exc, "reason", None) or exc)
+                return
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            if self.tls is not None:
+                try:
+                    request.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                request.close()
 
     @property
     def port(self) -> int:
@@ -123,6 +179,8 @@ class BaseHandler(BaseHTTPRequestHandler):
     server_version = f"stethoscope/{stethoscope.__version__}"
     endpoint = "http"
     server: Listener
+    #: The token the request authenticated with (set by :meth:`auth_failure`; None on an open listener).
+    token: TokenEntry | None = None
 
     @property
     def metrics(self) -> SelfMetrics:
@@ -158,13 +216,19 @@ class BaseHandler(BaseHTTPRequestHandler):
         if n < 0:
             raise BodyError(400, "bad_length", f"Content-Length is negative: {n}")
         if n > limit:
-            self.close_connection = True  # do not read a body we refuse
+            self.close_connection = True
+            if n - limit <= _DRAIN_MAX:  # read and drop it, so the client sees the 413 instead of a reset
+                self._discard(n)
             raise BodyError(413, "too_large", f"body of {n} bytes exceeds the limit of {limit} bytes")
         data = self.rfile.read(n)
         if len(data) != n:
             self.close_connection = True
             raise BodyError(400, "truncated", f"body ended after {len(data)} of {n} bytes")
         return data
+
+    def _discard(self, n: int) -> None:
+        while n > 0 and (chunk := self.rfile.read(min(n, 1 << 16))):
+            n -= len(chunk)
 
     def _read_chunked(self, limit: int) -> bytes:
         out = bytearray()
@@ -185,10 +249,49 @@ class BaseHandler(BaseHTTPRequestHandler):
             out += self.rfile.read(size)
             self.rfile.readline(3)
 
+    def auth_failure(self, permission: str | tuple[str, ...], *, basic: bool = False) -> AuthFailure | None:
+        """None when the request's token grants ``permission`` (or the listener is open).
+
+        Otherwise the refusal is counted (``rejects``, reason ``unauthenticated``,
+        ``invalid_token`` or ``forbidden``) and logged without the token, the
+        connection is marked to close (a body of up to 1 MiB is read and
+        dropped first, so the client sees the answer, a larger one is not read), and the
+        :class:`~.auth.AuthFailure` is returned for the handler to answer in its
+        own format. ``basic`` also takes the token as the password of HTTP Basic
+        auth or as ``X-ClickHouse-Key``, as ClickHouse clients send it.
+        """
+        tokens = self.server.context.get("auth")
+        if tokens is None:
+            return None
+        header = self.headers.get("Authorization")
+        presented = bearer_token(header)
+        if presented is None and basic:
+            presented = basic_password(header) or self.headers.get("X-ClickHouse-Key") or None
+        self.token, failure = authorize(tokens, presented, permission)
+        if failure is not None:
+            self.close_connection = True
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = 0
+            if 0 < length <= _AUTH_DRAIN_MAX:
+                self._discard(length)
+            self.metrics.rejects.labels(endpoint=self.endpoint, reason=failure.reason).inc()
+            log.info("%s %s from %s refused: %s", self.command, self.path.split("?", 1)[0], self.address_string(), failure.reason)
+        return failure
+
     def serve_common(self) -> bool:
-        """Answer ``/healthz`` and ``/metrics``; return whether the path was one of them."""
+        """Answer ``/healthz`` and ``/metrics``; return whether the path was one of them.
+
+        ``/healthz`` is always open (load balancers probe it); ``/metrics`` needs
+        the ``read`` permission when tokens are configured.
+        """
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
+            failure = self.auth_failure("read", basic=True)
+            if failure is not None:
+                self.reply(failure.status, (failure.message + "\n").encode(), headers=failure.headers)
+                return True
             body, ctype = self.metrics.exposition()
             self.reply(200, body, ctype)
             return True

@@ -23,6 +23,7 @@ from stethoscope.errors import DecodeError
 from stethoscope.native import implementation
 from stethoscope.native.otlp_rowbinary import any_value_to_str, attr_map, rb_string
 
+from .cardinality import CardinalityLimiter
 from .samples import LABEL_EVENT, SAMPLE_EVENT, Rejections, encode_label, encode_sample, event_of
 from .schema import LABELS_TABLE, LOGS_TABLE, METRIC_TABLES, SAMPLES_TABLE
 
@@ -73,11 +74,16 @@ def json_to_protobuf(body: bytes, message_type: type) -> bytes:
 
 
 class MetricsDecoder:
-    """Turns an ``ExportMetricsServiceRequest`` into parts for the metric tables."""
+    """Turns an ``ExportMetricsServiceRequest`` into parts for the metric tables.
 
-    def __init__(self, impl: str = "auto") -> None:
+    With a ``limiter`` (:class:`~.cardinality.CardinalityLimiter`), attribute sets
+    beyond the per-metric cardinality limit are folded into the overflow set first.
+    """
+
+    def __init__(self, impl: str = "auto", *, limiter: CardinalityLimiter | None = None) -> None:
         self._encode: Callable[[bytes], dict[str, tuple[int, bytes]]] = implementation(impl).encode_metrics
         self.implementation = implementation(impl).__name__
+        self.limiter = limiter
 
     def decode(self, body: bytes, *, json_body: bool = False) -> tuple[list[Part], int]:
         """Return the parts and the number of data points."""
@@ -88,6 +94,8 @@ class MetricsDecoder:
                 feature="OTLP decoding",
             )
             body = json_to_protobuf(body, pb.ExportMetricsServiceRequest)
+        if self.limiter is not None:
+            body = self.limiter.apply(body)
         try:
             encoded = self._encode(body)
         except ValueError as exc:

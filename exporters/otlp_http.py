@@ -15,7 +15,13 @@ reasons), in protobuf or JSON like the request.
 
 The same port serves the sampling configuration the SDKs poll
 (:mod:`.sampling_config`): ``GET /v1/sampling``, ``PUT`` and ``DELETE
-/v1/sampling/<model>/<stream>``. These routes have no authentication yet.
+/v1/sampling/<model>/<stream>``.
+
+With tokens configured (:mod:`.auth`), every route but ``/healthz`` needs a
+bearer token: ``ingest`` to post data, ``ingest`` or ``read`` to read the
+sampling document, ``sampling_admin`` to change it, ``read`` for ``/metrics``.
+A missing or unknown token is answered 401 with ``WWW-Authenticate: Bearer``,
+a token without the permission 403, both in the request's format.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from urllib.parse import parse_qs, unquote
 
 from stethoscope.errors import DecodeError, StoreError
@@ -99,8 +106,30 @@ class RejectedRecords:
             return dict(self._counts)
 
 
+class _Throttle:
+    """Lets one log line per key through every ``interval_s``; counts the ones held back."""
+
+    def __init__(self, interval_s: float = 10.0, clock=time.monotonic) -> None:
+        self._interval, self._clock = interval_s, clock
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def due(self, key: str) -> int | None:
+        """None to stay quiet, else how many were held back since the last one let through."""
+        with self._lock:
+            now = self._clock()
+            if now - self._last.get(key, float("-inf")) < self._interval:
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+
+_WARNINGS = _Throttle()
+
 # gRPC status codes used in google.rpc.Status
-_INVALID_ARGUMENT, _RESOURCE_EXHAUSTED, _UNAVAILABLE = 3, 8, 14
+_INVALID_ARGUMENT, _PERMISSION_DENIED, _RESOURCE_EXHAUSTED, _UNAVAILABLE, _UNAUTHENTICATED = 3, 7, 8, 14, 16
 _SAMPLING = "/v1/sampling"
 _SAMPLING_BODY_LIMIT = 64 * 1024
 
@@ -110,6 +139,10 @@ class OtlpHandler(BaseHandler):
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] == _SAMPLING:
+            failure = self.auth_failure(("ingest", "read"))
+            if failure is not None:
+                self._json(failure.status, {"error": failure.message}, failure.headers)
+                return
             self._sampling_get()
         elif not self.serve_common():
             self.reply(404, b"not found: OTLP takes POST /v1/metrics and POST /v1/logs\n")
@@ -125,6 +158,10 @@ class OtlpHandler(BaseHandler):
         signal = {"/v1/metrics": "metrics", "/v1/logs": "logs"}.get(path)
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         as_json = ctype == _JSON
+        failure = self.auth_failure("ingest")
+        if failure is not None:
+            self._answer_refusal(failure.status, failure.message, as_json, failure.headers)
+            return
         if signal is None:
             self._refuse(404, "unknown_path", f"no OTLP receiver at {path}: use /v1/metrics or /v1/logs", as_json)
             return
@@ -211,6 +248,10 @@ class OtlpHandler(BaseHandler):
             self.reply(200, body, _JSON, headers)
 
     def _sampling_write(self) -> None:
+        failure = self.auth_failure("sampling_admin")
+        if failure is not None:
+            self._json(failure.status, {"error": failure.message}, failure.headers)
+            return
         no_body = "Content-Length" not in self.headers and "Transfer-Encoding" not in self.headers
         try:  # read first, so a refused request leaves the connection clean
             body = b"" if self.command == "DELETE" and no_body else self.read_body(_SAMPLING_BODY_LIMIT)
@@ -252,11 +293,19 @@ class OtlpHandler(BaseHandler):
     def _refuse(self, status: int, reason: str, message: str, as_json: bool, retry_after: int | None = None) -> None:
         self.metrics.rejects.labels(endpoint=self.endpoint, reason=reason).inc()
         if status >= 500:
-            log.warning("OTLP request refused (%d %s): %s", status, reason, message)
+            suppressed = _WARNINGS.due(reason)
+            if suppressed is not None:  # at most one warning per reason every 10 s: 503s come in floods
+                more = f" ({suppressed} more since the last warning)" if suppressed else ""
+                log.warning("OTLP request refused (%d %s): %s%s", status, reason, message, more)
         else:
             log.info("OTLP request refused (%d %s): %s", status, reason, message)
-        code = _UNAVAILABLE if status >= 500 else _RESOURCE_EXHAUSTED if status == 429 else _INVALID_ARGUMENT
         headers = {"Retry-After": str(retry_after)} if retry_after else None
+        self._answer_refusal(status, message, as_json, headers)
+
+    def _answer_refusal(self, status: int, message: str, as_json: bool, headers=None) -> None:
+        code = {401: _UNAUTHENTICATED, 403: _PERMISSION_DENIED, 429: _RESOURCE_EXHAUSTED}.get(
+            status, _UNAVAILABLE if status >= 500 else _INVALID_ARGUMENT
+        )
         if as_json:
             body = json.dumps({"code": code, "message": message}).encode()
             self.reply(status, body, _JSON, headers)

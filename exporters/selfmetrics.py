@@ -46,6 +46,19 @@ class SelfMetrics:
             ["reason"],
             registry=r,
         )
+        self.cardinality_overflow = Counter(
+            "stethoscope_cardinality_overflow_points",
+            "Data points whose attributes were replaced by otel.metric.overflow=true (cardinality limit).",
+            registry=r,
+        )
+        self.cardinality_untracked = Counter(
+            "stethoscope_cardinality_untracked_points",
+            "Data points of metric names beyond the tracked-name bound, passed through without a limit.",
+            registry=r,
+        )
+        self.cardinality_series = Gauge(
+            "stethoscope_cardinality_series", "Distinct attribute sets tracked in the current window.", registry=r
+        )
         self.sql_queries = Counter(
             "stethoscope_sql_queries", "Queries run through the SQL endpoint, by outcome.", ["outcome"], registry=r
         )

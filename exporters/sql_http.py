@@ -11,6 +11,13 @@ and errors as ClickHouse reports them (``X-ClickHouse-Exception-Code``).
 Read-only unless ``writable`` is set: writes are refused up front (403, code 164)
 and reads run under ClickHouse's ``readonly=1``, which also blocks table
 functions that would read files or reach the network.
+
+With tokens configured (:mod:`.auth`), queries need a token with ``read`` (or
+``write``), sent as ``Authorization: Bearer``, as the password of HTTP Basic
+auth, or as ``X-ClickHouse-Key``; writes need ``write`` on top of
+``writable``. A missing or unknown token is answered 401 (ClickHouse code 516,
+``WWW-Authenticate: Bearer``), a missing permission 403 (code 497).
+``/ping`` and ``/healthz`` stay open.
 """
 
 from __future__ import annotations
@@ -24,12 +31,12 @@ import uuid
 import zlib
 from urllib.parse import parse_qs
 
-from stethoscope.errors import StoreError
+from stethoscope.errors import StoreError, StoreUnavailable
 
 from .http_common import BaseHandler, BodyError, decompress
 from .store import READ_ONLY_VERBS
 
-__all__ = ["SqlHandler", "first_verb", "split_insert", "WRITE_VERBS"]
+__all__ = ["SqlHandler", "first_verb", "split_insert", "error_status", "WRITE_VERBS"]
 
 _COMMENTS = re.compile(r"(--[^\n]*|#[^\n]*|/\*.*?\*/)", re.S)
 _INSERT_FORMAT = re.compile(r"^\s*(INSERT\s+INTO\s+.+?)\s+FORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.I | re.S)
@@ -42,6 +49,55 @@ WRITE_VERBS = frozenset(
 )
 
 _STATUS_BY_CODE = {62: 400, 6: 400, 27: 400, 36: 400, 46: 400, 47: 400, 164: 403, 497: 403, 60: 404, 81: 404}
+
+# Statuses ClickHouse's own HTTP interface gives other errors, by error name
+# (ClickHouse src/Server/HTTP/exceptionCodeToHTTPStatus.cpp); chDB's messages end in "(NAME)".
+_STATUS_BY_NAME = {
+    **dict.fromkeys(
+        "UNKNOWN_TABLE UNKNOWN_TYPE UNKNOWN_STORAGE UNKNOWN_DATABASE UNKNOWN_SETTING UNKNOWN_DIRECTION_OF_SORTING "
+        "UNKNOWN_AGGREGATE_FUNCTION UNKNOWN_FORMAT UNKNOWN_DATABASE_ENGINE UNKNOWN_TYPE_OF_QUERY UNKNOWN_ROLE".split(),
+        404,
+    ),
+    "QUERY_IS_TOO_LARGE": 413,
+    "NOT_IMPLEMENTED": 501,
+    "TIMEOUT_EXCEEDED": 408,
+    "SOCKET_TIMEOUT": 503,
+    "CANNOT_SCHEDULE_TASK": 503,
+    "UNSUPPORTED_MEDIA_TYPE": 415,
+}
+# Errors that say something about the server, not the query: these stay 5xx. Any
+# other error a query raises is the query's fault (ClickHouse would answer 500 for
+# many of them, e.g. ILLEGAL_TYPE_OF_ARGUMENT; this endpoint answers 400).
+_SERVER_FAULTS = frozenset(
+    "MEMORY_LIMIT_EXCEEDED CANNOT_ALLOCATE_MEMORY NOT_ENOUGH_SPACE LOGICAL_ERROR STD_EXCEPTION POCO_EXCEPTION "
+    "UNKNOWN_EXCEPTION CANNOT_OPEN_FILE CANNOT_READ_FROM_FILE_DESCRIPTOR CANNOT_WRITE_TO_FILE_DESCRIPTOR "
+    "TOO_MANY_SIMULTANEOUS_QUERIES ABORTED".split()
+)
+_ERROR_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)")
+_QUERY_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+
+
+def error_status(exc: StoreError) -> int:
+    """The HTTP status for a store error: ClickHouse's mapping, 400 for other query errors.
+
+    >>> error_status(StoreError("Code: 62. DB::Exception: Syntax error (SYNTAX_ERROR)", code=62))
+    400
+    >>> error_status(StoreError("Code: 73. DB::Exception: Unknown format Nope. (UNKNOWN_FORMAT)", code=73))
+    404
+    >>> error_status(StoreError("Code: 241. DB::Exception: Memory limit exceeded (MEMORY_LIMIT_EXCEEDED)", code=241))
+    500
+    """
+    if isinstance(exc, StoreUnavailable):
+        return 503
+    if exc.code in _STATUS_BY_CODE:
+        return _STATUS_BY_CODE[exc.code]
+    names = _ERROR_NAME.findall(str(exc))
+    name = names[-1] if names else ""
+    if name in _STATUS_BY_NAME:
+        return _STATUS_BY_NAME[name]
+    if name in _SERVER_FAULTS or not exc.code:
+        return 500
+    return 400
 
 _CONTENT_TYPES = (
     ("TabSeparated", "text/tab-separated-values; charset=UTF-8"),
@@ -132,14 +188,18 @@ class SqlHandler(BaseHandler):
         if path != "/":
             self._error(404, f"no SQL endpoint at {path}: send queries to /", 0, "UNKNOWN_PATH")
             return
+        failure = self.auth_failure(("read", "write"), basic=True)
+        if failure is not None:
+            code, name = (516, "AUTHENTICATION_FAILED") if failure.status == 401 else (497, "ACCESS_DENIED")
+            self._error(failure.status, failure.message, code, name, failure.headers, reason="")  # counted already
+            return
         ctx = self.server.context
         params = self._params()
         try:
             raw = self.read_body(ctx["max_body_bytes"])
             body = decompress(raw, self.headers.get("Content-Encoding", ""), ctx["max_body_bytes"])
         except BodyError as exc:
-            self.metrics.rejects.labels(endpoint=self.endpoint, reason=exc.reason).inc()
-            self._error(exc.status, str(exc), 0, "BAD_REQUEST_BODY")
+            self._error(exc.status, str(exc), 0, "BAD_REQUEST_BODY", reason=exc.reason)
             return
         query = params.get("query", "")
         insert = split_insert(query) if query and body else None
@@ -157,13 +217,27 @@ class SqlHandler(BaseHandler):
         # that is not plainly a read is refused up front unless writes are allowed,
         # and whatever slips through still meets readonly=1 in the store.
         writable = ctx["writable"] and allow_write and verb not in READ_ONLY_VERBS
-        if verb in WRITE_VERBS and not writable:
+        token_may_write = ctx.get("auth") is None or (self.token is not None and "write" in self.token.permissions)
+        if verb in WRITE_VERBS and not (writable and token_may_write):
+            if writable:
+                why = f"token {self.token.name!r} lacks the write permission" if self.token else "no write permission"
+                self.metrics.sql_queries.labels(outcome="refused").inc()
+                self._error(403, f"Cannot execute {verb} query: {why}.", 497, "ACCESS_DENIED", reason="forbidden")
+                return
             why = "GET requests are read-only" if ctx["writable"] else "the SQL endpoint is read-only (sql.writable = false)"
             self.metrics.sql_queries.labels(outcome="refused").inc()
-            self._error(403, f"Cannot execute {verb or 'this'} query: {why}.", 164, "READONLY")
+            self._error(403, f"Cannot execute {verb or 'this'} query: {why}.", 164, "READONLY", reason="readonly")
+            return
+        writable = writable and token_may_write
+        if not writable and self.token is not None and "read" not in self.token.permissions:
+            self._error(403, f"token {self.token.name!r} lacks the read permission for this query", 497, "ACCESS_DENIED",
+                        reason="forbidden")
             return
         store = ctx["store"]
         query_id = params.get("query_id") or self.headers.get("X-ClickHouse-Query-Id") or str(uuid.uuid4())
+        if not _QUERY_ID.match(query_id):  # it is echoed in a response header
+            self._error(400, "query_id must be 1 to 256 printable ASCII characters without spaces", 36, "BAD_ARGUMENTS")
+            return
         started = time.perf_counter_ns()
         try:
             if insert is not None:
@@ -192,7 +266,8 @@ class SqlHandler(BaseHandler):
             self.metrics.sql_queries.labels(outcome="error").inc()
             code = exc.code or 0
             text = str(exc).split(": ", 1)[-1]
-            self._error(_STATUS_BY_CODE.get(code, 500), text, code, "")
+            status = error_status(exc)
+            self._error(status, text, code, "", {"Retry-After": "5"} if status == 503 else None, reason="query_error")
             return
         self.metrics.sql_queries.labels(outcome="ok").inc()
         summary["elapsed_ns"] = time.perf_counter_ns() - started
@@ -209,7 +284,10 @@ class SqlHandler(BaseHandler):
                 headers["Content-Encoding"] = enc
         self.reply(200, data, _content_type(fmt), headers)
 
-    def _error(self, status: int, message: str, code: int, name: str) -> None:
+    def _error(self, status: int, message: str, code: int, name: str, extra_headers=None, reason: str | None = None) -> None:
+        """Answer a ClickHouse-style error; a 4xx is counted in ``rejects`` (``reason`` or the error name)."""
+        if 400 <= status < 500 and reason != "":
+            self.metrics.rejects.labels(endpoint=self.endpoint, reason=reason or name.lower() or "client_error").inc()
         text = message if message.startswith("Code:") else f"Code: {code}. DB::Exception: {message}" + (f" ({name})" if name else "")
-        headers = {"X-ClickHouse-Exception-Code": str(code)}
+        headers = {"X-ClickHouse-Exception-Code": str(code), **(extra_headers or {})}
         self.reply(status, (text.rstrip() + "\n").encode("utf-8"), "text/plain; charset=UTF-8", headers)

@@ -16,6 +16,15 @@
 
 Only the monitors' background threads call in here; nothing here runs on a
 caller's hot path.
+
+Authentication and TLS: ``token`` is sent as ``Authorization: Bearer`` on both
+pipes and ``ca_file`` verifies an ``https`` collector. Without them the
+standard ``OTEL_EXPORTER_OTLP_HEADERS`` and ``OTEL_EXPORTER_OTLP_CERTIFICATE``
+variables apply, whether the data goes through the OTLP exporters or a spool.
+The exporters' ``requests`` session would let ``REQUESTS_CA_BUNDLE`` or
+``CURL_CA_BUNDLE`` silently replace a CA file (requests merges the environment
+over the session's ``verify``), so with ``ca_file`` they get a session that
+keeps it.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.util.types import Attributes
 
-from ..delivery import Sender, SpoolingExporter
+from ..delivery import Sender, SpoolingExporter, bearer_headers
 from ..spool import Spool, SpoolError
 
 __all__ = ["Delivery", "SpoolingLogExporter", "SCOPE_NAME", "LOGS_PATH", "METRICS_PATH"]
@@ -56,6 +65,21 @@ SCOPE_NAME = "stethoscope.agents.sdk"
 METRICS_PATH = "/v1/metrics"
 LOGS_PATH = "/v1/logs"
 MiB = 1024 * 1024
+
+
+def _pinned_ca_session(ca_file: str) -> Any:
+    """A ``requests`` session that verifies with ``ca_file`` whatever the environment says."""
+    import requests
+
+    class _PinnedCASession(requests.Session):
+        def merge_environment_settings(self, url, proxies, stream, verify, cert):  # noqa: ANN001 - requests' signature
+            merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            merged["verify"] = ca_file
+            return merged
+
+    session = _PinnedCASession()
+    session.verify = ca_file
+    return session
 
 
 class SpoolingLogExporter(LogRecordExporter):
@@ -108,6 +132,8 @@ class Delivery:
         log_exporter: LogRecordExporter | None = None,
         log_schedule_delay_ms: float = 1000.0,
         log_queue_size: int = 8192,
+        token: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         base = endpoint.rstrip("/")
         self.resource = resource
@@ -115,23 +141,31 @@ class Delivery:
         self.timeout_s = timeout_s
         self._senders: list[Sender] = []
         self._spools: list[Spool] = []
-        hdrs = dict(headers or {})
+        hdrs = {**dict(headers or {}), **bearer_headers(token)}
+        tls = {"certificate_file": ca_file} if ca_file else {}
         if metric_exporter is None and log_exporter is None and spool_dir is not None:
             root = Path(spool_dir)
             mspool = Spool(root / "metrics", max_bytes=spool_max_bytes)
             self._spools.append(mspool)
             lspool = Spool(root / "logs", max_bytes=spool_max_bytes)
             self._spools.append(lspool)
-            msender = Sender(mspool, base + METRICS_PATH, headers=hdrs, timeout_s=timeout_s)
-            lsender = Sender(lspool, base + LOGS_PATH, headers=hdrs, timeout_s=timeout_s)
+            msender = Sender(mspool, base + METRICS_PATH, headers=hdrs, timeout_s=timeout_s, ca_file=ca_file)
+            lsender = Sender(lspool, base + LOGS_PATH, headers=hdrs, timeout_s=timeout_s, ca_file=ca_file)
             self._senders += [msender, lsender]
             metric_exporter = SpoolingExporter(mspool, on_append=msender.wake)
             log_exporter = SpoolingLogExporter(lspool, on_append=lsender.wake)
             for sender in self._senders:
                 sender.start()
-        self._metric_exporter = metric_exporter or OTLPMetricExporter(
-            endpoint=base + METRICS_PATH, headers=hdrs, timeout=timeout_s)
-        self._log_exporter = log_exporter or OTLPLogExporter(endpoint=base + LOGS_PATH, headers=hdrs, timeout=timeout_s)
+        if metric_exporter is None:
+            metric_exporter = OTLPMetricExporter(
+                endpoint=base + METRICS_PATH, headers=hdrs, timeout=timeout_s,
+                **tls, **({"session": _pinned_ca_session(ca_file)} if ca_file else {}))
+        if log_exporter is None:
+            log_exporter = OTLPLogExporter(
+                endpoint=base + LOGS_PATH, headers=hdrs, timeout=timeout_s,
+                **tls, **({"session": _pinned_ca_session(ca_file)} if ca_file else {}))
+        self._metric_exporter = metric_exporter
+        self._log_exporter = log_exporter
         self._provider = LoggerProvider(resource=resource, shutdown_on_exit=False, meter_provider=NoOpMeterProvider())
         self._processor = BatchLogRecordProcessor(
             self._log_exporter, schedule_delay_millis=log_schedule_delay_ms, max_queue_size=log_queue_size,
