@@ -2,7 +2,11 @@
 
 Each has ``name`` and ``send(notification) -> Delivery``. ``send`` never raises: a
 network error, a timeout or an unexpected HTTP status becomes ``Delivery(ok=False,
-reason=...)``. All use ``urllib`` with a timeout.
+reason=...)``. All use ``urllib`` with a timeout. The built-in ones also take
+``idempotency_key`` (the outbox entry id, see :mod:`.outbox`): the webhook sends it as
+an ``Idempotency-Key`` header; PagerDuty has its ``dedup_key`` and Alertmanager merges
+by label set, so they ignore it. ``secrets`` lists what must never reach a log or the
+``notification_attempts`` table (signing secret, routing key, a Slack URL's token).
 
 * :class:`AlertmanagerNotifier` - ``POST {url}/api/v2/alerts`` (API v2 postable alerts).
 * :class:`WebhookNotifier` - JSON body signed with HMAC-SHA256 (see :mod:`.signing`).
@@ -36,7 +40,7 @@ from .state import Notification
 
 __all__ = [
     "Delivery", "Notifier", "AlertmanagerNotifier", "WebhookNotifier", "PagerDutyNotifier", "SlackNotifier",
-    "PAGERDUTY_URL", "postable_alert", "notification_json", "rfc3339", "dispatch",
+    "PAGERDUTY_URL", "postable_alert", "notification_json", "rfc3339", "dispatch", "retryable",
 ]
 
 PAGERDUTY_URL = "https://events.pagerduty.com/v2/enqueue"
@@ -57,6 +61,18 @@ class Notifier(Protocol):
     name: str
 
     def send(self, notification: Notification) -> Delivery: ...
+
+
+def retryable(d: Delivery) -> bool:
+    """Whether a failed delivery may succeed later: no response, 408, 425, 429 or 5xx.
+
+    Any other 4xx means the receiver refused this request for good (bad payload,
+    wrong signature or key), and sending it again would only repeat that.
+
+    >>> retryable(Delivery("x", False, 0)), retryable(Delivery("x", False, 503)), retryable(Delivery("x", False, 400))
+    (True, True, False)
+    """
+    return not d.ok and (d.status in (0, 408, 425, 429) or d.status >= 500)
 
 
 def rfc3339(t: float) -> str:
@@ -88,14 +104,15 @@ def _post(name: str, url: str, body: bytes, headers: Mapping[str, str], timeout:
 
 def postable_alert(n: Notification, now: float, generator_url: str = "") -> dict[str, Any]:
     """An API v2 ``postableAlert``. Firing alerts carry no ``endsAt`` (Alertmanager adds
-    ``resolve_timeout``), so keep re-posting them; a resolved one has ``endsAt`` = now."""
+    ``resolve_timeout``), so keep re-posting them; a resolved one has ``endsAt`` = when it
+    resolved (``now`` if unknown), also when the outbox delivers it late."""
     out: dict[str, Any] = {
         "labels": {str(k): str(v) for k, v in n.labels.items()},
         "annotations": {str(k): str(v) for k, v in n.annotations.items()},
         "startsAt": rfc3339(n.starts_at),
     }
     if n.status == "resolved":
-        out["endsAt"] = rfc3339(now)
+        out["endsAt"] = rfc3339(n.ends_at if n.ends_at is not None else now)
     if generator_url:
         out["generatorURL"] = generator_url
     return out
@@ -107,8 +124,9 @@ class AlertmanagerNotifier:
     def __init__(self, url: str, *, name: str = "alertmanager", generator_url: str = "", timeout: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.url, self.name, self.generator_url, self.timeout, self.clock = url.rstrip("/"), name, generator_url, timeout, clock
+        self.secrets: tuple[str, ...] = ()
 
-    def send(self, notification: Notification) -> Delivery:
+    def send(self, notification: Notification, *, idempotency_key: str = "") -> Delivery:
         return self.send_many([notification])
 
     def send_many(self, notifications: Sequence[Notification]) -> Delivery:
@@ -137,10 +155,15 @@ class WebhookNotifier:
     def __init__(self, url: str, secret: str | bytes, *, name: str = "webhook", timeout: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.url, self.secret, self.name, self.timeout, self.clock = url, secret, name, timeout, clock
+        self.secrets = (secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret,)
 
-    def send(self, notification: Notification) -> Delivery:
+    def send(self, notification: Notification, *, idempotency_key: str = "") -> Delivery:
+        """POST the signed body; ``idempotency_key`` (stable across retries) goes in ``Idempotency-Key``."""
         body = json.dumps(notification_json(notification), sort_keys=True, separators=(",", ":")).encode()
-        return _post(self.name, self.url, body, sign_headers(self.secret, body, self.clock()), self.timeout, range(200, 300))
+        headers = sign_headers(self.secret, body, self.clock())
+        if idempotency_key:
+            headers = {**headers, "Idempotency-Key": idempotency_key}
+        return _post(self.name, self.url, body, headers, self.timeout, range(200, 300))
 
 
 # --- PagerDuty ---------------------------------------------------------------------------
@@ -152,6 +175,7 @@ class PagerDutyNotifier:
     def __init__(self, routing_key: str, *, url: str = PAGERDUTY_URL, source: str = "stethoscope",
                  name: str = "pagerduty", timeout: float = 10.0) -> None:
         self.routing_key, self.url, self.source, self.name, self.timeout = routing_key, url, source, name, timeout
+        self.secrets = (routing_key,)
 
     def event(self, n: Notification) -> dict[str, Any]:
         if n.status == "resolved":
@@ -173,7 +197,7 @@ class PagerDutyNotifier:
             event["links"] = links
         return event
 
-    def send(self, notification: Notification) -> Delivery:
+    def send(self, notification: Notification, *, idempotency_key: str = "") -> Delivery:
         body = json.dumps(self.event(notification)).encode()
         return _post(self.name, self.url, body, {}, self.timeout, (200, 202))
 
@@ -186,6 +210,7 @@ class SlackNotifier:
 
     def __init__(self, url: str, *, name: str = "slack", timeout: float = 10.0) -> None:
         self.url, self.name, self.timeout = url, name, timeout
+        self.secrets = (url,)  # the path of an incoming-webhook URL is its credential
 
     @staticmethod
     def message(n: Notification) -> dict[str, Any]:
@@ -203,7 +228,7 @@ class SlackNotifier:
             blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": " | ".join(links)}]})
         return {"text": text, "blocks": blocks}
 
-    def send(self, notification: Notification, timeout: float | None = None) -> Delivery:
+    def send(self, notification: Notification, timeout: float | None = None, *, idempotency_key: str = "") -> Delivery:
         body = json.dumps(self.message(notification)).encode()
         return _post(self.name, self.url, body, {}, self.timeout if timeout is None else timeout, (200,))
 

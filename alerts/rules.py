@@ -24,6 +24,23 @@ Examples
 bad.yaml:2: rule 'X': needs exactly one of 'match' or 'expr'
 bad.yaml:3: rule 'X': severity must be one of info, warning, critical, got 'loud'
 bad.yaml:2: rule 'X': annotations.summary is required
+
+``actions`` lists notifier names and, beside them, remediation actions as mappings
+(``{action: scale, target: "deployment/ns/web", replicas: "+1", max: 10}``); each is
+checked by its plugin (see :mod:`.actions` and docs/remediation.md). A target or a
+string parameter may use ``{{ labels.NAME }}``, ``{{ subject }}``, ``{{ subject.KEY }}``
+(a ``KEY=value`` part of the subject), ``{{ rule }}``, ``{{ severity }}`` or ``{{ fingerprint }}``.
+
+>>> _ = (d / "act.yaml").write_text('''
+... rules:
+...   - name: BadNode
+...     match: {kind: gpu_xid}
+...     annotations: {summary: "XID"}
+...     actions: [pagerduty, {action: cordon, target: "{{ labels.node }}", approval: true}]
+... ''')
+>>> r = load_rules([d / "act.yaml"])[0]
+>>> r.actions, [(a.action, a.target, a.approval) for a in r.remediations]
+(('pagerduty',), [('cordon', '{{ labels.node }}', True)])
 """
 
 from __future__ import annotations
@@ -42,7 +59,10 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     import yaml
 
-__all__ = ["SEVERITIES", "OPS", "Match", "Expr", "Rule", "load_rules", "check", "parse_duration", "rule_files"]
+__all__ = [
+    "SEVERITIES", "OPS", "Match", "Expr", "Rule", "ActionSpec", "load_rules", "check", "parse_duration", "rule_files",
+    "render_template", "template_problems", "GUARD_KEYS",
+]
 
 SEVERITIES = ("info", "warning", "critical")
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -54,6 +74,10 @@ _RULE_KEYS = {"name", "match", "expr", "threshold", "op", "for", "labels", "anno
 _MATCH_KEYS = {"kind", "subject", "min_severity", "drifted"}
 _ANNOTATION_KEYS = {"summary", "description", "runbook_url", "dashboard_url"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Keys of an action mapping that every action takes (the guards); the rest go to the plugin.
+GUARD_KEYS = ("action", "target", "cooldown", "max_per_hour", "approval", "dry_run")
+_TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_]+)(?:\.([A-Za-z0-9_.\-]+))?\s*\}\}")
+_TEMPLATE_ROOTS = {"labels": True, "subject": None, "rule": False, "severity": False, "fingerprint": False}
 
 
 def parse_duration(text: Any) -> float:
@@ -107,6 +131,66 @@ class Expr:
 
 
 @dataclass(frozen=True)
+class ActionSpec:
+    """A remediation action a rule asks for: the plugin ``action``, its ``target`` (may be a
+    template), the plugin's own ``params`` and the guard settings (``None``: the configured default)."""
+
+    action: str
+    target: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+    cooldown_s: float | None = None
+    max_per_hour: int | None = None
+    approval: bool = False
+    dry_run: bool | None = None
+    source: str = ""  # "file:line" of the mapping
+
+
+def template_problems(text: str) -> list[str]:
+    """What is wrong with the ``{{ ... }}`` placeholders in ``text`` (empty when fine).
+
+    >>> template_problems("{{ labels.node }}-{{ subject.model }}"), template_problems("{{ node }}")
+    ([], ["unknown placeholder '{{ node }}' (use labels.NAME, subject, subject.KEY, rule, severity, fingerprint)"])
+    """
+    out = []
+    for m in _TEMPLATE.finditer(text):
+        root, sub = m.group(1), m.group(2)
+        need = _TEMPLATE_ROOTS.get(root, "unknown")
+        if need == "unknown" or (need is True and not sub) or (need is False and sub):
+            out.append(f"unknown placeholder {m.group(0)!r} (use labels.NAME, subject, subject.KEY, rule, severity, "
+                       "fingerprint)")
+    rest = _TEMPLATE.sub("", text)
+    if "{{" in rest or "}}" in rest:
+        out.append(f"unbalanced '{{{{' or '}}}}' in {text!r}")
+    return out
+
+
+def render_template(text: str, *, labels: Mapping[str, str], subject: str = "", rule: str = "", severity: str = "",
+                    fingerprint: str = "") -> str:
+    """``text`` with its placeholders filled; raises ``KeyError`` naming a label or subject part that is absent.
+
+    >>> render_template("{{ labels.node }}/{{ subject.model }}", labels={"node": "n1"}, subject="model=m version=2")
+    'n1/m'
+    """
+    parts = dict(p.split("=", 1) for p in subject.split() if "=" in p)
+
+    def one(m: re.Match[str]) -> str:
+        root, sub = m.group(1), m.group(2)
+        if root == "labels":
+            if sub not in labels:
+                raise KeyError(f"label {sub!r}")
+            return str(labels[sub])
+        if root == "subject":
+            if sub is None:
+                return subject
+            if sub not in parts:
+                raise KeyError(f"subject part {sub!r}")
+            return parts[sub]
+        return {"rule": rule, "severity": severity, "fingerprint": fingerprint}[root]
+
+    return _TEMPLATE.sub(one, text)
+
+
+@dataclass(frozen=True)
 class Rule:
     name: str
     severity: str
@@ -115,8 +199,9 @@ class Rule:
     for_s: float = 0.0
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
-    actions: tuple[str, ...] = ()
+    actions: tuple[str, ...] = ()  # notifier names
     source: str = ""  # "file:line" where the rule starts
+    remediations: tuple[ActionSpec, ...] = ()  # the mappings in ``actions``
 
 
 # --- loading ----------------------------------------------------------------------------
@@ -263,21 +348,92 @@ class _File:
         if not annotations.get("summary"):
             self.err(keys.get("annotations", (node, node))[1], f"{label}: annotations.summary is required")
         actions: list[str] = []
+        remediations: list[ActionSpec] = []
         if "actions" in keys:
             v = keys["actions"][1]
-            value = self.plain(v)
-            if not isinstance(value, list) or not all(isinstance(a, str) and a for a in value):
-                self.err(v, f"{label}: actions must be a list of notifier names")
+            if not isinstance(v, self.y.SequenceNode):
+                self.err(v, f"{label}: actions must be a list of notifier names or action mappings")
             else:
-                actions = value
-                for a_node, a in zip(v.value, value):
-                    if self.known is not None and a not in self.known:
+                for a_node in v.value:
+                    a = self.plain(a_node) if isinstance(a_node, self.y.ScalarNode) else None
+                    if isinstance(a_node, self.y.MappingNode):
+                        spec = self.action_spec(label, a_node)
+                        if spec is not None:
+                            remediations.append(spec)
+                    elif not isinstance(a, str) or not a:
+                        self.err(a_node, f"{label}: actions entries must be notifier names or action mappings")
+                    elif self.known is not None and a not in self.known:
                         self.err(a_node, f"{label}: unknown notifier {a!r} (configured: {', '.join(sorted(self.known)) or 'none'})")
+                    else:
+                        actions.append(a)
         if len(self.problems) == n0 and (match or expr):
             self.rules.append(Rule(
                 name=name, severity=severity, match=match, expr=expr, for_s=for_s, labels=labels,
                 annotations=annotations, actions=tuple(actions), source=f"{self.path}:{node.start_mark.line + 1}",
+                remediations=tuple(remediations),
             ))
+
+    def action_spec(self, label: str, node: yaml.Node) -> ActionSpec | None:
+        """One ``{action: ..., ...}`` entry: guard keys checked here, the rest by the action's plugin."""
+        from .actions import validate_action  # late: actions imports this module
+
+        n0 = len(self.problems)
+        keys = {k.value: (k, v) for k, v in node.value if isinstance(k, self.y.ScalarNode)}
+        name = self.plain(keys["action"][1]) if "action" in keys else None
+        if not isinstance(name, str) or not name:
+            self.err(node, f"{label}: an action mapping needs 'action: NAME'")
+            return None
+        where = f"{label}: action {name!r}"
+        target = ""
+        if "target" in keys:
+            t = self.plain(keys["target"][1])
+            if not isinstance(t, str) or not t.strip():
+                self.err(keys["target"][1], f"{where}: target must be a non-empty string")
+            else:
+                target = t.strip()
+                for p in template_problems(target):
+                    self.err(keys["target"][1], f"{where}: target: {p}")
+        cooldown = None
+        if "cooldown" in keys:
+            try:
+                cooldown = parse_duration(self.plain(keys["cooldown"][1]))
+            except ValueError as exc:
+                self.err(keys["cooldown"][1], f"{where}: cooldown: {exc}")
+        mph = None
+        if "max_per_hour" in keys:
+            mph = self.plain(keys["max_per_hour"][1])
+            if isinstance(mph, bool) or not isinstance(mph, int) or mph < 1:
+                self.err(keys["max_per_hour"][1], f"{where}: max_per_hour must be an integer of 1 or more, got {mph!r}")
+        flags: dict[str, bool | None] = {"approval": False, "dry_run": None}
+        for k in flags:
+            if k in keys:
+                b = self.plain(keys[k][1])
+                if not isinstance(b, bool):
+                    self.err(keys[k][1], f"{where}: {k} must be true or false, got {b!r}")
+                else:
+                    flags[k] = b
+        params: dict[str, Any] = {}
+        for k, (_, vnode) in keys.items():
+            if k not in GUARD_KEYS:
+                params[k] = self.plain(vnode)
+                for p in self._template_values(params[k]):
+                    self.err(vnode, f"{where}: {k}: {p}")
+        for key, msg in validate_action(name, target, params):
+            anchor = keys[key][1] if key in keys else node
+            self.err(anchor, f"{where}: {msg}")
+        if len(self.problems) != n0:
+            return None
+        return ActionSpec(name, target, params, cooldown, mph if isinstance(mph, int) else None,
+                          bool(flags["approval"]), flags["dry_run"], f"{self.path}:{node.start_mark.line + 1}")
+
+    def _template_values(self, value: Any) -> list[str]:
+        if isinstance(value, str):
+            return template_problems(value)
+        if isinstance(value, dict):
+            return [p for v in value.values() for p in self._template_values(v)]
+        if isinstance(value, list):
+            return [p for v in value for p in self._template_values(v)]
+        return []
 
     def match(self, label: str, node: yaml.Node) -> Match | None:
         if not isinstance(node, self.y.MappingNode):

@@ -25,7 +25,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["ALERTS_DDL", "COLUMNS", "to_rows", "from_rows"]
+__all__ = ["ALERTS_DDL", "COLUMNS", "ATTEMPTS_DDL", "ATTEMPT_COLUMNS", "to_rows", "from_rows"]
 
 ALERTS_DDL = """CREATE TABLE IF NOT EXISTS alerts
 (
@@ -40,6 +40,31 @@ ENGINE = MergeTree
 ORDER BY (Version, Kind, Fingerprint)"""
 
 COLUMNS = ("Fingerprint", "Kind", "Rule", "State", "Version", "Body")
+
+#: One row per outbox event (:mod:`.outbox`): ``queued`` when a notification enters the
+#: outbox (``Body`` holds the notification, never a secret), then one row per delivery
+#: attempt: ``retry`` (failed, tried again at ``NextAttemptAt``), ``delivered``,
+#: ``failed`` (the receiver refused it for good) or ``expired`` (given up after the
+#: outbox's maximum age). The latest row of an ``OutboxId`` is its state.
+ATTEMPTS_DDL = """CREATE TABLE IF NOT EXISTS notification_attempts
+(
+    Time DateTime64(3) CODEC(Delta(8), ZSTD(1)),
+    OutboxId String CODEC(ZSTD(1)),
+    Notifier LowCardinality(String) CODEC(ZSTD(1)),
+    Fingerprint String CODEC(ZSTD(1)),
+    Rule LowCardinality(String) CODEC(ZSTD(1)),
+    Status LowCardinality(String) CODEC(ZSTD(1)),
+    Attempt UInt32 CODEC(ZSTD(1)),
+    HttpStatus UInt16 CODEC(ZSTD(1)),
+    Error String CODEC(ZSTD(1)),
+    NextAttemptAt DateTime64(3) CODEC(ZSTD(1)),
+    Body String CODEC(ZSTD(1))
+)
+ENGINE = MergeTree
+ORDER BY (Time, OutboxId)"""
+
+ATTEMPT_COLUMNS = ("Time", "OutboxId", "Notifier", "Fingerprint", "Rule", "Status", "Attempt", "HttpStatus", "Error",
+                   "NextAttemptAt", "Body")
 
 
 def to_rows(state: Mapping[str, Any], *, version: int) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ from .rules import Rule
 
 __all__ = [
     "Alert", "Notification", "Silence", "InhibitRule", "AlertEngine", "fingerprint", "group_key", "DEFAULT_INHIBIT",
-    "group", "expr_values",
+    "group", "expr_values", "subject_labels", "SUBJECT_LABELS",
 ]
 
 PENDING, FIRING, RESOLVED = "pending", "firing", "resolved"
@@ -97,8 +97,29 @@ class InhibitRule:
     equal: tuple[str, ...]
 
 
-#: A ``NodeDown`` alert for node X silences every other alert with ``node=X``.
-DEFAULT_INHIBIT = (InhibitRule({"alertname": "NodeDown"}, ("node",)),)
+#: A ``NodeDown`` or ``NodeUnhealthy`` alert for node X silences every other alert with ``node=X``.
+DEFAULT_INHIBIT = (
+    InhibitRule({"alertname": "NodeDown"}, ("node",)),
+    InhibitRule({"alertname": "NodeUnhealthy"}, ("node",)),
+)
+
+#: Keys of a finding's subject (``node=n1 gpu=3``) that become alert labels when the
+#: finding's own labels lack them, so grouping and inhibition can use them.
+SUBJECT_LABELS = ("node", "gpu", "job", "rank", "model", "version")
+
+
+def subject_labels(subject: str) -> dict[str, str]:
+    """The :data:`SUBJECT_LABELS` named in a finding subject.
+
+    >>> subject_labels("job=llm rank=3 node=n7 gpu=1 step=90")
+    {'job': 'llm', 'rank': '3', 'node': 'n7', 'gpu': '1'}
+    """
+    out: dict[str, str] = {}
+    for token in subject.split():
+        k, sep, v = token.partition("=")
+        if sep and k in SUBJECT_LABELS and v:
+            out.setdefault(k, v)
+    return out
 
 
 @dataclass
@@ -146,6 +167,9 @@ class AlertEngine:
     group_by: tuple[str, ...] = ()
     repeat_interval_s: float = 4 * 3600.0
     inhibit: Sequence[InhibitRule] = DEFAULT_INHIBIT
+    #: How long an alert stays active after its latest matching finding. 0: only while
+    #: the current evaluation has one (evaluate exactly once per finding period).
+    resolve_after_s: float = 0.0
     alerts: dict[str, Alert] = field(default_factory=dict)
     silences: dict[str, Silence] = field(default_factory=dict)
 
@@ -166,19 +190,26 @@ class AlertEngine:
         """Advance every alert to ``now``; return what should be sent (resolutions first).
 
         ``findings`` are the findings since the previous call; ``values`` maps ``expr``
-        rule names to the number their SQL returned (see :func:`expr_values`).
+        rule names to the number their SQL returned (see :func:`expr_values`). With
+        ``values=None`` the expressions were not evaluated this time: their alerts are
+        kept as they are (a quick evaluation between two full ones).
+
+        An alert is active when a finding in this call matches it, or when its latest
+        match is less than :attr:`resolve_after_s` old; only a match in this call moves
+        it from pending to firing, so ``for`` still needs the condition to go on.
         """
         self.silences = {k: s for k, s in self.silences.items() if now < s.until}
         active: dict[str, tuple[Rule, dict[str, str], str, float | None]] = {}
         for f in findings:
             for rule in self.rules:
                 if rule.match is not None and rule.match(f):
-                    labels = {**dict(f.labels), **dict(rule.labels), "alertname": rule.name, "severity": rule.severity}
+                    labels = {**subject_labels(f.subject), **dict(f.labels), **dict(rule.labels), "alertname": rule.name,
+                              "severity": rule.severity}
                     active.setdefault(fingerprint(rule.name, labels, f.subject), (rule, labels, f.subject, None))
         for rule in self.rules:
-            if rule.expr is not None and rule.expr.holds((values or {}).get(rule.name)):
+            if values is not None and rule.expr is not None and rule.expr.holds(values.get(rule.name)):
                 labels = {**dict(rule.labels), "alertname": rule.name, "severity": rule.severity}
-                active[fingerprint(rule.name, labels)] = (rule, labels, "", (values or {}).get(rule.name))
+                active[fingerprint(rule.name, labels)] = (rule, labels, "", values.get(rule.name))
 
         for fp, (rule, labels, subject, value) in active.items():
             a = self.alerts.get(fp)
@@ -187,12 +218,19 @@ class AlertEngine:
             a.last_seen, a.value = now, value
             if a.state == PENDING and now - a.active_since >= rule.for_s:
                 a.state, a.fired_at = FIRING, now
+        kept = set(active)
+        for fp, a in self.alerts.items():
+            rule = self._by_name.get(a.rule)
+            if fp in kept or rule is None or a.state == RESOLVED:
+                continue
+            if (values is None and rule.expr is not None) or now - a.last_seen < self.resolve_after_s:
+                kept.add(fp)
 
         out: list[Notification] = []
         # Resolve first, so an inhibiting alert that just ended no longer mutes anything.
         for fp in sorted(self.alerts):
             a = self.alerts[fp]
-            if fp in active:
+            if fp in kept:
                 continue
             rule = self._by_name.get(a.rule)
             if a.state == FIRING:
@@ -200,7 +238,7 @@ class AlertEngine:
                 if a.last_notified is not None and rule is not None:
                     out.append(self._note(a, rule, "resolved", "resolved"))
             del self.alerts[fp]  # resolved or pending-and-cleared: a new match opens a fresh alert
-        for fp in sorted(active):
+        for fp in sorted(kept):
             a = self.alerts[fp]
             rule = self._by_name[a.rule]
             if a.state != FIRING or self._muted(a, now):

@@ -195,3 +195,35 @@ def test_dispatch_routes_by_actions(fake):
     out = dispatch([FIRING, Notification(**{**FIRING.__dict__, "actions": ()})], notifiers, default=("slack", "email"))
     assert [(d.notifier, d.ok) for d in out] == [("pagerduty", True), ("slack", True), ("slack", True), ("email", False)]
     assert "no notifier named 'email'" in out[-1].reason
+
+
+def test_a_late_resolution_keeps_the_time_it_resolved(fake):
+    am = fake(200)
+    n = AlertmanagerNotifier(am.url, clock=lambda: 1_700_003_600.0)  # delivered an hour after it resolved
+    assert n.send(RESOLVED).ok
+    assert am.json(0)[0]["endsAt"] == "2023-11-14T22:23:20Z"
+
+
+def test_webhook_sends_the_idempotency_key_outside_the_signature(fake):
+    hook = fake(200)
+    n = WebhookNotifier(hook.url, "s3cret", clock=lambda: 1_700_000_001.0)
+    assert n.send(FIRING, idempotency_key="k-123").ok and n.send(FIRING).ok
+    (_, with_key, body1), (_, without, body2) = hook.requests
+    assert with_key["Idempotency-Key"] == "k-123" and "Idempotency-Key" not in without
+    assert body1 == body2 and with_key["X-Stethoscope-Signature"] == without["X-Stethoscope-Signature"]
+    verify("s3cret", with_key, body1, now=1_700_000_002)
+
+
+def test_which_failures_are_retried():
+    from stethoscope.alerts.notifiers import Delivery, retryable
+
+    assert [retryable(Delivery("x", False, s)) for s in (0, 408, 425, 429, 500, 503)] == [True] * 6
+    assert [retryable(Delivery("x", False, s)) for s in (400, 401, 403, 404, 422)] == [False] * 5
+    assert not retryable(Delivery("x", True, 200))
+
+
+def test_every_builtin_notifier_names_its_secrets():
+    assert WebhookNotifier("http://h/", b"bytes-secret").secrets == ("bytes-secret",)
+    assert PagerDutyNotifier("rk-123").secrets == ("rk-123",)
+    assert SlackNotifier("https://hooks.slack.com/services/T/B/X").secrets == ("https://hooks.slack.com/services/T/B/X",)
+    assert AlertmanagerNotifier("http://am:9093").secrets == ()

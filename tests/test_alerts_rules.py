@@ -28,11 +28,30 @@ def test_default_pack_loads_and_covers_every_kind():
     rules = load_rules([DEFAULT_RULES])
     assert check([DEFAULT_RULES]) == []
     kinds = {k for r in rules for k in r.match.kinds}
-    assert kinds == DEFAULT_KINDS
+    assert DEFAULT_KINDS <= kinds, sorted(DEFAULT_KINDS - kinds)  # the issue asks for "at least" these
     for r in rules:
         assert r.annotations["summary"]
         assert r.annotations["runbook_url"].startswith("docs/runbooks/") and r.annotations["runbook_url"].endswith(".md")
-        assert r.severity in ("warning", "critical")
+        assert r.severity in ("info", "warning", "critical")
+        if r.severity == "info":  # never paged: chat and Alertmanager only
+            assert r.actions and set(r.actions) <= {"slack", "alertmanager"}, r.name
+
+
+def test_default_pack_covers_every_kind_the_detectors_write():
+    import importlib
+    import pkgutil
+
+    from stethoscope import analytics
+    from stethoscope.analytics.anomaly import ANOMALY_REGISTRY
+
+    for info in pkgutil.iter_modules(analytics.__path__, analytics.__name__ + "."):
+        importlib.import_module(info.name)
+    written = {k for cls in ANOMALY_REGISTRY.values() for k in cls().kinds}
+    written |= {"feature_drift", "sketch_drift", "prediction_drift", "sketch_prediction_drift", "confidence_cv",
+                "accuracy_drop", "shadow_disagreement"}
+    informational = {"gpu_cost", "cost_per_prediction"}  # summaries for dashboards, never alerts
+    covered = {k for r in load_rules([DEFAULT_RULES]) for k in r.match.kinds}
+    assert written - informational <= covered, sorted(written - informational - covered)
 
 
 def test_default_pack_matches_todays_drift_findings():
@@ -161,3 +180,94 @@ def test_docs_list_every_default_rule_and_the_signature_snippet_runs(capsys):
     exec(snippet, ns)  # noqa: S102 - our own documentation
     assert "rejected: signature already used (replay)" in capsys.readouterr().out
     exec(next(b for b in blocks if "compare_digest" in b), ns)  # noqa: S102
+
+
+def test_action_mappings_beside_notifier_names(tmp_path):
+    p = write(tmp_path, "act.yaml", """
+        rules:
+          - name: SlowRanker
+            match: {kind: latency_sla}
+            annotations: {summary: slow}
+            actions:
+              - slack
+              - {action: scale, target: "deployment/prod/{{ labels.service }}", replicas: "+1", min: 1, max: 10,
+                 max_step: 2, cooldown: 10m, max_per_hour: 4, approval: false, dry_run: true}
+              - {action: retrain, backend: argo, url: "http://argo:2746", namespace: ml, template: retrain,
+                 parameters: {model: "{{ subject.model }}"}}
+    """)
+    [r] = load_rules([p], notifiers=["slack"])
+    assert r.actions == ("slack",)
+    scale, retrain = r.remediations
+    assert (scale.action, scale.target, scale.cooldown_s, scale.max_per_hour, scale.approval, scale.dry_run) == \
+        ("scale", "deployment/prod/{{ labels.service }}", 600.0, 4, False, True)
+    assert dict(scale.params) == {"replicas": "+1", "min": 1, "max": 10, "max_step": 2}
+    assert scale.source == f"{p}:7"
+    assert retrain.params["parameters"] == {"model": "{{ subject.model }}"} and retrain.dry_run is None
+
+
+def test_bad_action_specs_are_reported_with_file_and_line(tmp_path):
+    bad = write(tmp_path, "bad.yaml", """
+        rules:
+          - name: Acts
+            match: {kind: x}
+            annotations: {summary: s}
+            actions:
+              - {action: explode}
+              - {action: scale, target: "pod/prod/web", replicas: "lots", max: 0, min: 2}
+              - {action: cordon}
+              - {action: cordon, target: "{{ node }}", cooldown: soon, max_per_hour: 0, approval: maybe}
+              - {action: retrain, backend: airflow, url: "ftp://x"}
+              - {action: retrain, backend: argo, url: "http://argo", template: t, token_env: "bad name"}
+              - {target: x}
+              - 3
+              - {action: webhook, url: "http://h", secret_env: S, colour: blue}
+    """)
+    problems = check([bad])
+    f = str(bad)
+    expected = [
+        f"{f}:6: rule 'Acts': action 'explode': unknown action 'explode' (known: cordon, retrain, scale, webhook)",
+        f"{f}:7: rule 'Acts': action 'scale': target must be deployment/NAMESPACE/NAME",
+        f"{f}:7: rule 'Acts': action 'scale': replicas: expected +N, -N or N, got 'lots'",
+        f"{f}:7: rule 'Acts': action 'scale': max 0 is below min 2",
+        f"{f}:8: rule 'Acts': action 'cordon': target is required",
+        f"{f}:9: rule 'Acts': action 'cordon': target: unknown placeholder '{{{{ node }}}}'",
+        f"{f}:9: rule 'Acts': action 'cordon': cooldown: not a duration: 'soon'",
+        f"{f}:9: rule 'Acts': action 'cordon': max_per_hour must be an integer of 1 or more, got 0",
+        f"{f}:9: rule 'Acts': action 'cordon': approval must be true or false, got 'maybe'",
+        f"{f}:10: rule 'Acts': action 'retrain': url must be an http:// or https:// URL",
+        f"{f}:10: rule 'Acts': action 'retrain': backend must be one of webhook, argo, kubeflow, got 'airflow'",
+        f"{f}:11: rule 'Acts': action 'retrain': token_env must name an environment variable",
+        f"{f}:11: rule 'Acts': action 'retrain': backend argo: 'namespace' is required",
+        f"{f}:12: rule 'Acts': an action mapping needs 'action: NAME'",
+        f"{f}:13: rule 'Acts': actions entries must be notifier names or action mappings",
+        f"{f}:14: rule 'Acts': action 'webhook': unknown key 'colour'",
+    ]
+    assert len(problems) == len(expected), "\n".join(problems)
+    for want in expected:
+        assert any(p.startswith(want) for p in problems), f"missing {want!r} in\n" + "\n".join(problems)
+
+
+def test_alerts_check_cli_reports_action_problems(tmp_path, capsys):
+    from stethoscope.cli import main
+
+    bad = write(tmp_path, "r.yaml", """
+        rules:
+          - name: A
+            match: {kind: x}
+            annotations: {summary: s}
+            actions: [{action: cordon, target: "Not_A_Node"}]
+    """)
+    assert main(["alerts", "check", str(bad)]) == 1
+    assert f"{bad}:5: rule 'A': action 'cordon': target must be a node name (DNS-1123), got 'Not_A_Node'" \
+        in capsys.readouterr().err
+
+
+def test_templates():
+    from stethoscope.alerts.rules import render_template, template_problems
+
+    assert render_template("{{ rule }}:{{ severity }}:{{ fingerprint }}:{{ subject }}", labels={}, subject="gpu=0",
+                           rule="R", severity="critical", fingerprint="f") == "R:critical:f:gpu=0"
+    with pytest.raises(KeyError, match="subject part 'model'"):
+        render_template("{{ subject.model }}", labels={}, subject="gpu=0")
+    assert template_problems("{{ labels }}") and template_problems("{{ rule.x }}") and template_problems("{{ a")
+    assert template_problems("plain-text") == []

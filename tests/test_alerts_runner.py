@@ -79,7 +79,7 @@ def runner(store, tmp_path, url: str = "", **settings) -> AlertRunner:
 
 def test_a_drift_finding_fires_to_the_signed_webhook_after_for(store, tmp_path, hook):
     url, h = hook
-    r = runner(store, tmp_path, url)
+    r = runner(store, tmp_path, url, **{"alerts.resolve_after": "30s"})
     assert set(r.notifiers) == {"webhook"}
     writer = FindingsWriter(store)
     writer.write([drift(NOW)])
@@ -106,7 +106,7 @@ def test_a_drift_finding_fires_to_the_signed_webhook_after_for(store, tmp_path, 
 
     # a restart: the firing alert is remembered and not notified again before the repeat interval
     sent = len(h.received)
-    r2 = runner(store, tmp_path, url)
+    r2 = runner(store, tmp_path, url, **{"alerts.resolve_after": "30s"})
     writer.write([drift(NOW + 90)])
     assert r2.run_once(NOW + 90) == []
     assert len(h.received) == sent
@@ -200,3 +200,100 @@ def test_migration_4_creates_the_alerts_table_as_fresh_creation_does(store):
         ddl[db] = json.loads(out)[0].replace(f"{db}.", "DB.")
     assert ddl["stethoscope"] == ddl["migrated"]
     assert "ORDER BY (Version, Kind, Fingerprint)" in ddl["migrated"]
+
+
+def nan(t: float, job: str = "llm") -> Finding:
+    return Finding(time=t, kind="training_nan", subject=f"job={job} rank=0 node=n1 gpu=0", severity="critical",
+                   details={"value": "loss"})
+
+
+def test_a_tick_evaluates_new_findings_at_once_without_expressions(store, tmp_path, hook):
+    url, h = hook
+    rules = tmp_path / "expr.yaml"
+    rules.write_text("rules:\n  - name: Many\n    expr: SELECT count() FROM findings\n    threshold: 0\n"
+                     "    severity: warning\n    annotations: {summary: many findings}\n    actions: [slack]\n")
+    cfg = load_config(environ={}, overrides={"alerts.rules": [str(rules)], "alerts.webhook_url": url})
+    r = runner_from_config(cfg, store, environ={"STETHOSCOPE_WEBHOOK_SECRET": SECRET})
+    assert r.poll_s == 1.0 and r.engine.resolve_after_s == 600.0
+    assert r.tick(NOW) == []  # nothing new: no evaluation, no snapshot
+    assert store.query("SELECT count() FROM alerts", "TabSeparated").data == b"0\n"
+    FindingsWriter(store).write([nan(NOW + 0.5)])
+    assert [(n.rule, n.reason) for n in r.tick(NOW + 1)] == [("TrainingNaN", "new")]
+    assert [m["rule"] for m in h.received] == ["TrainingNaN"]
+    assert h.received[0]["labels"]["job"] == "llm" and h.received[0]["labels"]["node"] == "n1"  # from the subject
+    assert "Many" not in {a.rule for a in r.engine.alerts.values()}  # expressions wait for the full run
+    r.run_once(NOW + 30)
+    assert {a.rule for a in r.engine.alerts.values()} == {"TrainingNaN", "Many"}
+    r.tick(NOW + 31)  # a tick keeps the expression's alert as it is
+    assert {a.rule for a in r.engine.alerts.values()} == {"TrainingNaN", "Many"}
+    # still active within resolve_after (10 min) although no new finding came
+    assert r.run_once(NOW + 300) == [] and len(h.received) == 1
+    notes = r.run_once(NOW + 700)
+    assert [(n.rule, n.status) for n in notes] == [("TrainingNaN", "resolved")]
+
+
+def test_up_delivers_a_finding_to_the_webhook_within_seconds(tmp_path, hook, monkeypatch):
+    """With default timing, the background tick (not the 30 s full run) picks up a new finding."""
+    url, h = hook
+    monkeypatch.setenv("STETHOSCOPE_WEBHOOK_SECRET", SECRET)
+    svc = make_service(tmp_path, **{"analytics.enabled": False, "alerts.webhook_url": url})
+    try:
+        assert svc.alerts.interval_s == 30.0 and svc.alerts.poll_s == 1.0
+        FindingsWriter(svc.store).write([nan(time.time())])
+        deadline = time.monotonic() + 20  # far below the 30 s full run even on a loaded machine
+        while not h.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [m["rule"] for m in h.received] == ["TrainingNaN"]
+        assert h.errors == []
+    finally:
+        svc.stop()
+
+
+def test_wake_runs_a_tick_right_away(store, tmp_path, hook):
+    url, h = hook
+    cfg = load_config(environ={}, overrides={"alerts.webhook_url": url, "alerts.poll_interval": "0s",
+                                             "alerts.interval": "1h"})
+    r = runner_from_config(cfg, store, environ={"STETHOSCOPE_WEBHOOK_SECRET": SECRET})
+    r.start()
+    try:
+        FindingsWriter(store).write([nan(time.time())])
+        r.wake()
+        deadline = time.monotonic() + 20
+        while not h.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [m["rule"] for m in h.received] == ["TrainingNaN"]
+    finally:
+        r.stop()
+
+
+def test_old_snapshots_are_pruned_and_a_restart_still_restores_the_state(store, tmp_path, hook):
+    url, h = hook
+    r = runner(store, tmp_path, url, **{"alerts.snapshot_retention": "3m"})
+    r.prune_interval_s = 60
+    writer = FindingsWriter(store)
+    for i in range(24):  # 12 minutes of full runs every 30 s, the condition holding throughout
+        writer.write([drift(NOW + 30 * i)])
+        r.run_once(NOW + 30 * i)
+    versions = store.query("SELECT uniqExact(Version), min(Version), max(Version) FROM alerts", "JSONCompactEachRow")
+    count, oldest, newest = json.loads(versions.data)
+    # kept: the last 3 minutes (+ one prune interval of slack), not the whole history
+    assert count <= (180 + 60) // 30 + 1 and int(newest) == int((NOW + 30 * 23) * 1000)
+    assert int(newest) - int(oldest) <= (180 + 60) * 1000
+    sent = len(h.received)
+    assert sent == 2  # FeatureDrift and FraudDrift, once each
+    r2 = runner(store, tmp_path, url)
+    r2.load()
+    assert {a.rule: a.state for a in r2.engine.alerts.values()} == {"FeatureDrift": "firing", "FraudDrift": "firing"}
+    writer.write([drift(NOW + 30 * 24)])
+    r2.run_once(NOW + 30 * 24)
+    assert len(h.received) == sent  # remembered: not notified again
+
+
+def test_a_snapshot_older_than_the_retention_is_kept_when_it_is_the_newest(store, tmp_path):
+    r = runner(store, tmp_path, **{"alerts.snapshot_retention": "1m"})
+    FindingsWriter(store).write([drift(NOW)])
+    r.run_once(NOW)
+    r2 = runner(store, tmp_path, **{"alerts.snapshot_retention": "1m"})
+    r2.load()
+    assert r2.prune(NOW + 86400)  # a day later, nothing newer was written
+    assert store.query("SELECT count() FROM alerts WHERE Kind = 'snapshot'", "TabSeparated").data == b"1\n"

@@ -148,3 +148,40 @@ def test_state_round_trips_through_json_and_rows():
     assert from_rows(newer + to_rows(AlertEngine([]).state(), version=3)) == {"alerts": [], "silences": []}
     assert from_rows([]) == {"alerts": [], "silences": []}
     assert "CREATE TABLE IF NOT EXISTS alerts" in ALERTS_DDL
+
+
+def test_resolve_after_keeps_an_alert_between_sparse_findings_and_for_still_needs_fresh_ones():
+    eng = AlertEngine([HOT], resolve_after_s=300)
+    assert eng.evaluate([hot()], now=0) == []
+    # pending, no new finding: it neither fires after `for` nor is forgotten
+    assert eng.evaluate([], now=120) == [] and next(iter(eng.alerts.values())).state == "pending"
+    assert brief(eng.evaluate([hot()], now=200)) == [("HotGpu", "firing", "new")]
+    assert eng.evaluate([], now=499) == []  # 299 s since the latest finding: still firing
+    assert brief(eng.evaluate([], now=500)) == [("HotGpu", "resolved", "resolved")]
+
+
+def test_without_expression_values_an_expression_alert_is_kept_as_it_is():
+    eng = AlertEngine([SLOW])
+    assert brief(eng.evaluate([], now=0, values={"Slow": 2.0})) == [("Slow", "firing", "new")]
+    assert eng.evaluate([], now=10, values=None) == [] and len(eng.alerts) == 1
+    assert brief(eng.evaluate([], now=20, values={"Slow": 0.1})) == [("Slow", "resolved", "resolved")]
+
+
+def test_node_unhealthy_inhibits_the_alerts_of_its_node_only():
+    unhealthy = Rule("NodeUnhealthy", "critical", match=Match(("node_unhealthy",)), annotations={"summary": "bad"})
+    eng = AlertEngine([NOW_HOT, unhealthy])
+    sick = Finding(time=0, kind="node_unhealthy", subject="node=n1", severity="critical")  # node only in the subject
+    gpu_n1 = Finding(time=0, kind="gpu_temperature", subject="node=n1 gpu=0", severity="warning")
+    gpu_n2 = Finding(time=0, kind="gpu_temperature", subject="node=n2 gpu=0", severity="warning")
+    notes = eng.evaluate([sick, gpu_n1, gpu_n2], now=0)
+    assert sorted((n.rule, n.labels["node"]) for n in notes) == [("HotGpu", "n2"), ("NodeUnhealthy", "n1")]
+    notes = eng.evaluate([gpu_n1, gpu_n2], now=30)  # the node recovered: its GPU alert is heard now
+    assert sorted((n.rule, n.status, n.labels["node"]) for n in notes) == [
+        ("HotGpu", "firing", "n1"), ("NodeUnhealthy", "resolved", "n1")]
+
+
+def test_subject_labels_do_not_override_the_findings_own_labels():
+    eng = AlertEngine([NOW_HOT])
+    f = Finding(time=0, kind="gpu_temperature", subject="node=n9 gpu=7 job=j", severity="warning", labels={"node": "n1"})
+    (n,) = eng.evaluate([f], now=0)
+    assert (n.labels["node"], n.labels["gpu"], n.labels["job"]) == ("n1", "7", "j")

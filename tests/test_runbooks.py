@@ -30,7 +30,7 @@ def _queries() -> list[tuple[str, str]]:
 
 def test_every_default_rule_has_a_runbook():
     rules = _rules()
-    assert len(rules) == 18
+    assert len(rules) == 29
     for rule in rules:
         url = rule.annotations.get("runbook_url", "")
         assert url.startswith("docs/runbooks/"), (rule.name, url)
@@ -79,3 +79,35 @@ def test_every_dashboard_link_names_a_real_dashboard():
         if url:
             uid = url.split("/d/", 1)[1].split("/", 1)[0].split("?", 1)[0]
             assert uid in uids, f"{rule.name}: dashboard_url {url} names no dashboard"
+
+
+DETECTOR_KINDS = {  # kind -> (rule, severity) for the fleet, serving, cost and training anomaly detectors
+    "gpu_busy_not_working": ("GpuBusyNotWorking", "warning"), "job_hung": ("TrainingJobHung", "critical"),
+    "node_unhealthy": ("NodeUnhealthy", "critical"), "gpu_throttle": ("GpuThrottling", "warning"),
+    "capacity": ("ServingCapacity", "warning"), "idle_gpu_cost": ("IdleGpuCost", "warning"),
+    "load_imbalance": ("ServingLoadImbalance", "warning"), "queue_time": ("ServingQueueTime", "warning"),
+    "loss_plateau": ("TrainingLossPlateau", "info"), "phase_shift": ("TrainingPhaseShift", "info"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DETECTOR_KINDS))
+def test_each_anomaly_finding_kind_has_its_rule(kind):
+    from stethoscope.analytics.findings import Finding
+
+    name, severity = DETECTOR_KINDS[kind]
+    finding = Finding(time=0, kind=kind, subject="node=n1 gpu=0", severity="info" if severity == "info" else "warning")
+    matched = [r for r in _rules() if r.match is not None and r.match(finding)]
+    assert [(r.name, r.severity) for r in matched] == [(name, severity)]
+
+
+def test_info_rules_never_page():
+    for rule in _rules():
+        if rule.severity == "info":
+            assert rule.actions and set(rule.actions) <= {"slack", "alertmanager"}, rule.name
+
+
+def test_node_unhealthy_inhibits_its_node_like_node_down():
+    from stethoscope.alerts.state import DEFAULT_INHIBIT
+
+    sources = {dict(i.source).get("alertname"): i.equal for i in DEFAULT_INHIBIT}
+    assert sources["NodeUnhealthy"] == sources["NodeDown"] == ("node",)
