@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import math
-import time
 
 import numpy as np
 import pytest
@@ -180,14 +179,11 @@ def test_calibrated_windows_hit_the_target_ert(cls) -> None:
 
 
 @pytest.mark.parametrize("cls", [WindowedMeanShift, WindowedKS])
-def test_calibration_takes_under_a_second(cls) -> None:
+def test_calibration_gives_a_finite_threshold_for_a_large_reference(cls) -> None:
+    # How long calibration takes is a benchmark figure (benchmarks.drift_mmd, docs/benchmarks.md), not a test.
     rng = np.random.default_rng(0)
-    ref = rng.normal(size=5000)
-    start = time.perf_counter()
-    det = cls(ref, window=50, ert=10_000)
-    elapsed = time.perf_counter() - start
-    assert math.isfinite(det.threshold)
-    assert elapsed < 1.5  # ~0.05 s (mean) / ~0.7 s (KS) measured; slack for busy CI
+    det = cls(rng.normal(size=5000), window=50, ert=10_000)
+    assert math.isfinite(det.threshold) and det.threshold > 0
 
 
 @pytest.mark.parametrize("cls,scale", [(WindowedMeanShift, 1.0), (WindowedKS, 1.0)])
