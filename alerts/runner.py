@@ -133,7 +133,10 @@ class AlertRunner(Periodic):
         self._wake = threading.Event()
         #: Deliveries of the latest run or tick that sent anything.
         self.deliveries: list[Delivery] = []
-        self._cursor_ms: int | None = None  # newest findings Time seen (ms); None until loaded
+        self._cursor_ms: int | None = None  # newest findings InsertedAt seen (ms); None until loaded
+        #: How far back before the cursor each read looks again (ms): an insert may become visible late.
+        self.overlap_ms = 5000
+        self._seen: dict[tuple, int] = {}  # rows already returned within the overlap -> their InsertedAt
         self._version = 0  # newest snapshot version (ms)
         self._loaded = False
         self._pruned_at: float | None = None
@@ -179,28 +182,45 @@ class AlertRunner(Periodic):
     # --- one run -------------------------------------------------------------------------
 
     def new_findings(self, now: float) -> list[Finding]:
-        """Findings with ``Time`` after the cursor and not after ``now``, oldest first; advances the cursor."""
+        """Findings written since the previous call, in the order they were written; advances the cursor.
+
+        The cursor is on ``InsertedAt`` (when the store wrote the row), not on the
+        finding's own ``Time``: detectors stamp a finding with the moment the incident
+        began, often seconds before it is written, and another detector may have written
+        a later-stamped finding in between. Each query re-reads the last
+        :attr:`overlap_ms` before the cursor (an insert may become visible late) and skips
+        the rows it has already returned.
+        """
         now_ms = int(round(now * 1000))
         if self._cursor_ms is None:  # no snapshot yet: look back one interval
             self._cursor_ms = now_ms - int(self.interval_s * 1000)
+        since = self._cursor_ms - self.overlap_ms
         cols = [c for c in FINDING_COLUMNS if c not in ("Time", "WindowStart", "WindowEnd")]
         data = self.store.query(
-            f"SELECT toUnixTimestamp64Milli(Time) AS T, toUnixTimestamp64Milli(WindowStart) AS WS, "
-            f"toUnixTimestamp64Milli(WindowEnd) AS WE, {', '.join(cols)} FROM findings "
-            f"WHERE Time > fromUnixTimestamp64Milli(toInt64({self._cursor_ms})) "
-            f"AND Time <= fromUnixTimestamp64Milli(toInt64({now_ms})) ORDER BY Time",
+            f"SELECT toUnixTimestamp64Milli(InsertedAt) AS I, toUnixTimestamp64Milli(Time) AS T, "
+            f"toUnixTimestamp64Milli(WindowStart) AS WS, toUnixTimestamp64Milli(WindowEnd) AS WE, "
+            f"{', '.join(cols)} FROM findings "
+            f"WHERE InsertedAt > fromUnixTimestamp64Milli(toInt64({since})) ORDER BY InsertedAt, Time",
             "JSONEachRow",
         ).data
         out = []
+        seen = {k: i for k, i in self._seen.items() if i > since}
         for line in data.splitlines():
             if not line.strip():
                 continue
             row = json.loads(line)
-            self._cursor_ms = max(self._cursor_ms, int(row["T"]))
+            inserted = int(row["I"])
+            key = (inserted, row["T"], row["Kind"], row["Subject"], row["Method"], row["Feature"])
+            if key in seen:
+                continue
+            seen[key] = inserted
+            self._cursor_ms = max(self._cursor_ms, inserted)
             try:
                 out.append(_finding(row))
             except (ValueError, KeyError, TypeError) as exc:  # a malformed row must not stop the others
                 self._record_error(exc, "reading a finding")
+        self._seen = seen
+        out.sort(key=lambda f: f.time)
         return out
 
     def _expr_value(self, sql: str) -> float | None:

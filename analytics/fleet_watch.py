@@ -349,6 +349,7 @@ def watches_from_config(cfg: Any) -> list[Any]:
         ServingWatch(latency_sla_ms=a.latency_sla_ms, model_slas=_pairs(a.model_slas), error_rate=a.error_rate,
                      replica_capacity_rps=a.replica_capacity_rps, lookback_s=lookback),
         CostWatch([FleetCost(prices=prices, idle_below=a.underutilized_below,
-                             bucket_s=parse_duration(a.cost_bucket), warmup=a.cost_warmup),
+                             bucket_s=parse_duration(a.cost_bucket), warmup=a.cost_warmup,
+                             sustain_buckets=a.cost_idle_buckets),
                    PredictionCost(prices=prices)], lookback_s=lookback),
     ]

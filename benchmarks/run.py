@@ -13,6 +13,13 @@ BENCHMARKS = {
     "sdk": "benchmarks.sdk",
     "drift": "benchmarks.drift",
     "drift_mmd": "benchmarks.drift_mmd",
+    "drift_pushdown": "benchmarks.drift_pushdown",
+    "anomaly": "benchmarks.anomaly",
+    "anomaly_fleet": "benchmarks.anomaly_fleet",
+    "alerts": "benchmarks.alerts",
+    "dashboards": "benchmarks.dashboards",
+    "load": "benchmarks.load",
+    "cardinality": "benchmarks.cardinality",
 }
 
 

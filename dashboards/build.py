@@ -2,6 +2,9 @@
 
 Every panel is raw SQL against our tables (``exporters/schema.py``) with the
 ClickHouse plugin's macros; filters use ``$__conditionalAll`` so "All" costs nothing.
+Panels over gauges and sums read the per-minute or per-hour rollups for long ranges
+(:func:`stethoscope.dashboards.rollups.pick`); ``force`` pins every such panel of a
+builder to one tier (0 = raw rows, 60, 3600), for benchmarks and tests.
 
 Examples:
     >>> [d["uid"] for d in build_all()]
@@ -23,6 +26,7 @@ from .panels import (
     table,
     timeseries,
 )
+from .rollups import GAUGE, SUM, pick
 
 __all__ = [
     "DASHBOARDS",
@@ -63,13 +67,17 @@ def _links(own: str) -> list[Json]:
 
 _NODE = "ResourceAttributes['host.name']"
 _GPU = "Attributes['gpu.index']"
-_GPU_FILTER = (
-    "$__conditionalAll(ResourceAttributes['k8s.cluster.name'] IN ($cluster), $cluster)"
-    f" AND $__conditionalAll({_NODE} IN ($node), $node)"
-    f" AND $__conditionalAll({_GPU} IN ($gpu), $gpu)"
+# Filters as templates for rollups.pick: {use}, {where}, {node}, {cluster}, {gpu} are filled per tier.
+_GPU_FILTER_T = (
+    "$__conditionalAll({cluster} IN ($cluster), $cluster)"
+    " AND $__conditionalAll({node} IN ($node), $node)"
+    " AND $__conditionalAll({gpu} IN ($gpu), $gpu)"
 )
-_GPU_WHERE = f"$__timeFilter(TimeUnix) AND {_GPU_FILTER}"
-_JOB_WHERE = "$__timeFilter(TimeUnix) AND $__conditionalAll(Attributes['stethoscope.train.job'] IN ($job), $job)"
+_GPU_WHERE_T = "{use} AND {where} AND " + _GPU_FILTER_T
+_JOB_WHERE_T = "{use} AND {where} AND $__conditionalAll(Attributes['stethoscope.train.job'] IN ($job), $job)"
+_MODEL_ATTR_WHERE_T = ("{use} AND {where}"
+                       " AND $__conditionalAll(Attributes['stethoscope.model'] IN ($model), $model)"
+                       " AND $__conditionalAll(Attributes['stethoscope.model.version'] IN ($version), $version)")
 _MODEL_ATTR_WHERE = ("$__timeFilter(TimeUnix)"
                      " AND $__conditionalAll(Attributes['stethoscope.model'] IN ($model), $model)"
                      " AND $__conditionalAll(Attributes['stethoscope.model.version'] IN ($version), $version)")
@@ -125,73 +133,81 @@ ORDER BY time"""
 #: Increase of one cumulative counter series over the range. A series whose counter started
 #: inside the range (StartTimeUnix, e.g. the agent's XID count) counts from zero, so its first
 #: point is not lost; resets inside the range are not corrected.
-_INCREASE = "if(min(StartTimeUnix) >= $__fromTime, max(Value), max(Value) - min(Value))"
+_INCREASE = "if({start} >= $__fromTime, {max}, {max} - {min})"
 
 
-def _gpu_series(metric: str, agg: str = "avg(Value)", alias: str = "value") -> str:
-    return f"""
-SELECT $__timeInterval(TimeUnix) AS time, concat({_NODE}, '/', {_GPU}) AS gpu, {agg} AS {alias}
-FROM otel_metrics_gauge
-WHERE MetricName = '{metric}' AND {_GPU_WHERE}
-GROUP BY time, gpu
-ORDER BY time"""
+def _series(template: str, force: int | None, dialect=GAUGE, order_by: str = "time") -> str:
+    """A time-bucketed panel over raw rows or a rollup (ordered by time unless told)."""
+    return pick(template, dialect, bucketed=True, order_by=order_by, force=force)
+
+
+def _total(template: str, force: int | None, dialect=GAUGE, order_by: str = "") -> str:
+    """A whole-range panel (stat, table) over raw rows or the minute rollup."""
+    return pick(template, dialect, bucketed=False, order_by=order_by, force=force)
+
+
+def _gpu_series(metric: str, force: int | None, agg: str = "{avg}") -> str:
+    return _series(f"""
+SELECT $__timeInterval({{time}}) AS time, concat({{node}}, '/', {{gpu}}) AS gpu, {agg} AS value
+FROM {{table}}
+WHERE MetricName = '{metric}' AND """ + _GPU_WHERE_T + """
+GROUP BY time, gpu""", force)
 
 
 # ---------------------------------------------------------------- fleet
 
-def fleet() -> Json:
-    heat_cols = ",\n       ".join(f"avgIf(Value, {_GPU} = '{i}') AS gpu_{i}" for i in range(8))
+def fleet(force: int | None = None) -> Json:
+    heat_cols = ",\n       ".join(f"sumIf({{value}}, {{gpu}} = '{i}') / sumIf({{countv}}, {{gpu}} = '{i}') AS gpu_{i}"
+                                   for i in range(8))
+    counters = """
+  FROM {table}
+  WHERE MetricName IN ('gpu.xid.errors', 'gpu.ecc.errors') AND """ + _GPU_WHERE_T
     panels = [
-        (stat("GPUs reporting", f"""
-SELECT uniqExact({_NODE}, {_GPU}) AS gpus FROM otel_metrics_gauge
-WHERE MetricName = 'gpu.utilization' AND {_GPU_WHERE}"""), 6, 4),
-        (stat("Mean utilization", f"""
-SELECT avg(Value) AS utilization FROM otel_metrics_gauge
-WHERE MetricName = 'gpu.utilization' AND {_GPU_WHERE}""", unit="percentunit"), 6, 4),
-        (stat("Hottest GPU", f"""
-SELECT max(Value) AS temperature FROM otel_metrics_gauge
-WHERE MetricName = 'gpu.temperature' AND {_GPU_WHERE}""", unit="celsius"), 6, 4),
-        (stat("XID errors", f"""
+        (stat("GPUs reporting", _total("""
+SELECT uniqExact({node}, {gpu}) AS gpus FROM {table}
+WHERE MetricName = 'gpu.utilization' AND """ + _GPU_WHERE_T, force)), 6, 4),
+        (stat("Mean utilization", _total("""
+SELECT {avg} AS utilization FROM {table}
+WHERE MetricName = 'gpu.utilization' AND """ + _GPU_WHERE_T, force), unit="percentunit"), 6, 4),
+        (stat("Hottest GPU", _total("""
+SELECT {max} AS temperature FROM {table}
+WHERE MetricName = 'gpu.temperature' AND """ + _GPU_WHERE_T, force), unit="celsius"), 6, 4),
+        (stat("XID errors", _total(f"""
 SELECT sum(errors) AS xid_errors FROM (
-  SELECT {_INCREASE} AS errors FROM otel_metrics_sum
-  WHERE MetricName = 'gpu.xid.errors' AND {_GPU_WHERE}
-  GROUP BY {_NODE}, {_GPU}, Attributes['gpu.xid'])""", decimals=0), 6, 4),
-        (timeseries("GPU utilization", _gpu_series("gpu.utilization"), unit="percentunit"), 12, 8),
-        (timeseries("GPU memory used", _gpu_series("gpu.memory.used", "max(Value)"), unit="bytes"), 12, 8),
-        (timeseries("GPU temperature", _gpu_series("gpu.temperature", "max(Value)"), unit="celsius"), 12, 8),
-        (timeseries("GPU power draw", _gpu_series("gpu.power.draw"), unit="watt"), 12, 8),
-        (timeseries("SM clock", _gpu_series("gpu.clock.sm"), unit="hertz",
+  SELECT {_INCREASE} AS errors FROM {{table}}
+  WHERE MetricName = 'gpu.xid.errors' AND """ + _GPU_WHERE_T + """
+  GROUP BY {node}, {gpu}, Attributes['gpu.xid'])""", force, SUM), decimals=0), 6, 4),
+        (timeseries("GPU utilization", _gpu_series("gpu.utilization", force), unit="percentunit"), 12, 8),
+        (timeseries("GPU memory used", _gpu_series("gpu.memory.used", force, "{max}"), unit="bytes"), 12, 8),
+        (timeseries("GPU temperature", _gpu_series("gpu.temperature", force, "{max}"), unit="celsius"), 12, 8),
+        (timeseries("GPU power draw", _gpu_series("gpu.power.draw", force), unit="watt"), 12, 8),
+        (timeseries("SM clock", _gpu_series("gpu.clock.sm", force), unit="hertz",
                     description="MHz; drops under thermal or power slowdown"), 12, 8),
-        (timeseries("GPUs throttled, by reason", f"""
-SELECT $__timeInterval(TimeUnix) AS time, Attributes['gpu.throttle.reason'] AS reason,
-       uniqExactIf(({_NODE}, {_GPU}), Value > 0) AS gpus
-FROM otel_metrics_gauge
-WHERE MetricName = 'gpu.throttle' AND Attributes['gpu.throttle.reason'] != 'gpu_idle' AND {_GPU_WHERE}
-GROUP BY time, reason
-ORDER BY time""", stacked=True, bars=True), 12, 8),
-        (table("XID and ECC errors by GPU", f"""
+        (timeseries("GPUs throttled, by reason", _series("""
+SELECT $__timeInterval({time}) AS time, Attributes['gpu.throttle.reason'] AS reason,
+       uniqExactIf(({node}, {gpu}), {maxv} > 0) AS gpus
+FROM {table}
+WHERE MetricName = 'gpu.throttle' AND Attributes['gpu.throttle.reason'] != 'gpu_idle' AND """ + _GPU_WHERE_T + """
+GROUP BY time, reason""", force), stacked=True, bars=True), 12, 8),
+        (table("XID and ECC errors by GPU", _total(f"""
 SELECT node, gpu,
        sumIf(errors, MetricName = 'gpu.xid.errors') AS xid_errors,
        arrayStringConcat(arraySort(groupUniqArrayIf(xid, MetricName = 'gpu.xid.errors' AND errors > 0)), ',') AS xid_codes,
        sumIf(errors, MetricName = 'gpu.ecc.errors' AND ecc = 'corrected') AS ecc_corrected,
        sumIf(errors, MetricName = 'gpu.ecc.errors' AND ecc = 'uncorrected') AS ecc_uncorrected
 FROM (
-  SELECT {_NODE} AS node, {_GPU} AS gpu, MetricName, Attributes['gpu.xid'] AS xid,
-         Attributes['gpu.ecc.type'] AS ecc, {_INCREASE} AS errors
-  FROM otel_metrics_sum
-  WHERE MetricName IN ('gpu.xid.errors', 'gpu.ecc.errors') AND {_GPU_WHERE}
+  SELECT {{node}} AS node, {{gpu}} AS gpu, MetricName, Attributes['gpu.xid'] AS xid,
+         Attributes['gpu.ecc.type'] AS ecc, {_INCREASE} AS errors""" + counters + """
   GROUP BY node, gpu, MetricName, xid, ecc)
-GROUP BY node, gpu
-ORDER BY xid_errors + ecc_uncorrected DESC, node, gpu""",
+GROUP BY node, gpu""", force, SUM, order_by="xid_errors + ecc_uncorrected DESC, node, gpu"),
                description="Increase of the cumulative counters over the time range (from zero for a "
                            "counter that started inside it)."), 12, 8),
-        (table("Utilization by node and GPU", f"""
-SELECT {_NODE} AS node,
+        (table("Utilization by node and GPU", _total(f"""
+SELECT {{node}} AS node,
        {heat_cols}
-FROM otel_metrics_gauge
-WHERE MetricName = 'gpu.utilization' AND {_GPU_WHERE}
-GROUP BY node
-ORDER BY node""", unit="percentunit", heat=True,
+FROM {{table}}
+WHERE MetricName = 'gpu.utilization' AND """ + _GPU_WHERE_T + """
+GROUP BY node""", force, order_by="node"), unit="percentunit", heat=True,
                description="Mean utilization per GPU over the range: one row per node, one cell per GPU."), 24, 8),
     ]
     return dashboard("stethoscope-fleet", _TITLES["stethoscope-fleet"], tags=["gpu"], panels=panels,
@@ -202,67 +218,63 @@ ORDER BY node""", unit="percentunit", heat=True,
 
 # ---------------------------------------------------------------- training
 
-def _train_series(metric: str) -> str:
-    return f"""
-SELECT $__timeInterval(TimeUnix) AS time, Attributes['stethoscope.train.job'] AS job, avg(Value) AS value
-FROM otel_metrics_gauge
-WHERE MetricName = 'stethoscope.train.{metric}' AND {_JOB_WHERE}
-GROUP BY time, job
-ORDER BY time"""
+def _train_series(metric: str, force: int | None) -> str:
+    return _series(f"""
+SELECT $__timeInterval({{time}}) AS time, Attributes['stethoscope.train.job'] AS job, {{avg}} AS value
+FROM {{table}}
+WHERE MetricName = 'stethoscope.train.{metric}' AND """ + _JOB_WHERE_T + """
+GROUP BY time, job""", force)
 
 
-def training() -> Json:
+def training(force: int | None = None) -> Json:
     job_var = query_variable("job", "Job", """
         SELECT DISTINCT Attributes['stethoscope.train.job'] FROM otel_metrics_gauge
         WHERE MetricName = 'stethoscope.train.step' AND $__timeFilter(TimeUnix) ORDER BY 1""")
     panels = [
-        (timeseries("Loss", _train_series("loss")), 12, 8),
-        (timeseries("Gradient norm", _train_series("grad_norm")), 12, 8),
-        (timeseries("Throughput", f"""
-SELECT $__timeInterval(TimeUnix) AS time, Attributes['stethoscope.train.job'] AS job,
-       sumIf(Value, MetricName = 'stethoscope.train.tokens') / $__interval_s AS tokens_per_s
-FROM otel_metrics_gauge
-WHERE MetricName = 'stethoscope.train.tokens' AND {_JOB_WHERE}
-GROUP BY time, job
-ORDER BY time""", unit="short", description="Tokens per second, summed over ranks."), 12, 8),
-        (timeseries("Step phases", f"""
-SELECT $__timeInterval(TimeUnix) AS time, Attributes['stethoscope.train.phase'] AS phase, avg(Value) AS seconds
-FROM otel_metrics_gauge
-WHERE MetricName = 'stethoscope.train.phase.time' AND {_JOB_WHERE}
-GROUP BY time, phase
-ORDER BY time""", unit="s", stacked=True, bars=True, description="Mean time per step in each phase."), 12, 8),
-        (timeseries("Step time by rank", f"""
-SELECT $__timeInterval(TimeUnix) AS time, concat('rank ', Attributes['stethoscope.train.rank']) AS rank,
-       avg(Value) AS step_time
-FROM otel_metrics_gauge
-WHERE MetricName = 'stethoscope.train.step_time' AND {_JOB_WHERE}
-GROUP BY time, rank
-ORDER BY time""", unit="s"), 12, 8),
-        (timeseries("Input-bound share", f"""
-SELECT $__timeInterval(TimeUnix) AS time, Attributes['stethoscope.train.job'] AS job,
-       sumIf(Value, MetricName = 'stethoscope.train.data_wait')
-         / nullIf(sumIf(Value, MetricName = 'stethoscope.train.step_time'), 0) AS input_bound
-FROM otel_metrics_gauge
-WHERE MetricName IN ('stethoscope.train.data_wait', 'stethoscope.train.step_time') AND {_JOB_WHERE}
-GROUP BY time, job
-ORDER BY time""", unit="percentunit", description="Share of step time spent waiting for data."), 12, 8),
-        (table("Stragglers: step time per rank vs the job median", f"""
+        (timeseries("Loss", _train_series("loss", force)), 12, 8),
+        (timeseries("Gradient norm", _train_series("grad_norm", force)), 12, 8),
+        (timeseries("Throughput", _series("""
+SELECT $__timeInterval({time}) AS time, Attributes['stethoscope.train.job'] AS job,
+       sumIf({value}, MetricName = 'stethoscope.train.tokens') / $__interval_s AS tokens_per_s
+FROM {table}
+WHERE MetricName = 'stethoscope.train.tokens' AND """ + _JOB_WHERE_T + """
+GROUP BY time, job""", force), unit="short", description="Tokens per second, summed over ranks."), 12, 8),
+        (timeseries("Step phases", _series("""
+SELECT $__timeInterval({time}) AS time, Attributes['stethoscope.train.phase'] AS phase, {avg} AS seconds
+FROM {table}
+WHERE MetricName = 'stethoscope.train.phase.time' AND """ + _JOB_WHERE_T + """
+GROUP BY time, phase""", force), unit="s", stacked=True, bars=True,
+                    description="Mean time per step in each phase."), 12, 8),
+        (timeseries("Step time by rank", _series("""
+SELECT $__timeInterval({time}) AS time, concat('rank ', Attributes['stethoscope.train.rank']) AS rank,
+       {avg} AS step_time
+FROM {table}
+WHERE MetricName = 'stethoscope.train.step_time' AND """ + _JOB_WHERE_T + """
+GROUP BY time, rank""", force), unit="s"), 12, 8),
+        (timeseries("Input-bound share", _series("""
+SELECT $__timeInterval({time}) AS time, Attributes['stethoscope.train.job'] AS job,
+       sumIf({value}, MetricName = 'stethoscope.train.data_wait')
+         / nullIf(sumIf({value}, MetricName = 'stethoscope.train.step_time'), 0) AS input_bound
+FROM {table}
+WHERE MetricName IN ('stethoscope.train.data_wait', 'stethoscope.train.step_time') AND """ + _JOB_WHERE_T + """
+GROUP BY time, job""", force), unit="percentunit", description="Share of step time spent waiting for data."), 12, 8),
+        (table("Stragglers: step time per rank vs the job median", _total("""
 SELECT job, rank, node, gpu, steps, step_time,
        step_time / median(step_time) OVER (PARTITION BY job) AS vs_median
 FROM (
   SELECT Attributes['stethoscope.train.job'] AS job, toUInt32OrZero(Attributes['stethoscope.train.rank']) AS rank,
          any(Attributes['host.name']) AS node, any(Attributes['gpu.index']) AS gpu,
-         count() AS steps, avg(Value) AS step_time
-  FROM otel_metrics_gauge
-  WHERE MetricName = 'stethoscope.train.step_time' AND {_JOB_WHERE}
-  GROUP BY job, rank)
-ORDER BY vs_median DESC, job, rank""", description="A rank well above 1.0 slows every synchronous step."), 24, 8),
-        (stat("Non-finite values", f"""
-SELECT sum(Value) AS nonfinite FROM otel_metrics_sum
-WHERE MetricName = 'stethoscope.train.nonfinite' AND {_JOB_WHERE}""", decimals=0), 12, 4),
-        (stat("Latest step", f"""
-SELECT max(Value) AS step FROM otel_metrics_gauge
-WHERE MetricName = 'stethoscope.train.step' AND {_JOB_WHERE}""", decimals=0), 12, 4),
+         {count} AS steps, {avg} AS step_time
+  FROM {table}
+  WHERE MetricName = 'stethoscope.train.step_time' AND """ + _JOB_WHERE_T + """
+  GROUP BY job, rank)""", force, order_by="vs_median DESC, job, rank"),
+               description="A rank well above 1.0 slows every synchronous step."), 24, 8),
+        (stat("Non-finite values", _total("""
+SELECT {sum} AS nonfinite FROM {table}
+WHERE MetricName = 'stethoscope.train.nonfinite' AND """ + _JOB_WHERE_T, force, SUM), decimals=0), 12, 4),
+        (stat("Latest step", _total("""
+SELECT {max} AS step FROM {table}
+WHERE MetricName = 'stethoscope.train.step' AND """ + _JOB_WHERE_T, force), decimals=0), 12, 4),
     ]
     return dashboard("stethoscope-training", _TITLES["stethoscope-training"], tags=["training"], panels=panels,
                      description="Loss, gradient norm, throughput, step phases, stragglers and input stalls.",
@@ -284,46 +296,43 @@ FROM (
 ORDER BY time"""
 
 
-def inference() -> Json:
+def inference(force: int | None = None) -> Json:
     panels = [
-        (stat("Requests", f"""
-SELECT sum(Value) AS requests FROM otel_metrics_sum
-WHERE MetricName = 'stethoscope.model.requests' AND {_MODEL_ATTR_WHERE}""", decimals=0), 8, 4),
-        (stat("Error share", f"""
-SELECT sumIf(Value, MetricName = 'stethoscope.model.errors')
-       / nullIf(sumIf(Value, MetricName = 'stethoscope.model.requests'), 0) AS error_share
-FROM otel_metrics_sum
-WHERE MetricName IN ('stethoscope.model.errors', 'stethoscope.model.requests') AND {_MODEL_ATTR_WHERE}""",
-              unit="percentunit"), 8, 4),
+        (stat("Requests", _total("""
+SELECT {sum} AS requests FROM {table}
+WHERE MetricName = 'stethoscope.model.requests' AND """ + _MODEL_ATTR_WHERE_T, force, SUM), decimals=0), 8, 4),
+        (stat("Error share", _total("""
+SELECT sumIf({value}, MetricName = 'stethoscope.model.errors')
+       / nullIf(sumIf({value}, MetricName = 'stethoscope.model.requests'), 0) AS error_share
+FROM {table}
+WHERE MetricName IN ('stethoscope.model.errors', 'stethoscope.model.requests') AND """ + _MODEL_ATTR_WHERE_T,
+                                      force, SUM), unit="percentunit"), 8, 4),
         (stat("Mean latency", f"""
 SELECT sum(Sum) / nullIf(sum(Count), 0) AS latency_ms FROM otel_metrics_histogram
 WHERE MetricName = 'stethoscope.model.latency' AND {_MODEL_ATTR_WHERE}""", unit="ms"), 8, 4),
-        (timeseries("Requests per second", f"""
-SELECT $__timeInterval(TimeUnix) AS time,
+        (timeseries("Requests per second", _series("""
+SELECT $__timeInterval({time}) AS time,
        concat(Attributes['stethoscope.model'], ' v', Attributes['stethoscope.model.version']) AS model,
-       sum(Value) / $__interval_s AS rps
-FROM otel_metrics_sum
-WHERE MetricName = 'stethoscope.model.requests' AND {_MODEL_ATTR_WHERE}
-GROUP BY time, model
-ORDER BY time""", unit="reqps"), 12, 8),
+       {sum} / $__interval_s AS rps
+FROM {table}
+WHERE MetricName = 'stethoscope.model.requests' AND """ + _MODEL_ATTR_WHERE_T + """
+GROUP BY time, model""", force, SUM), unit="reqps"), 12, 8),
         (timeseries("Latency p50 / p90 / p99", _latency_sql(), unit="ms",
                     description="Quantiles interpolated inside the latency histogram's buckets."), 12, 8),
-        (timeseries("Errors per second, by kind", f"""
-SELECT $__timeInterval(TimeUnix) AS time, Attributes['stethoscope.error.kind'] AS kind,
-       sum(Value) / $__interval_s AS errors
-FROM otel_metrics_sum
-WHERE MetricName = 'stethoscope.model.errors' AND {_MODEL_ATTR_WHERE}
-GROUP BY time, kind
-ORDER BY time""", unit="reqps", stacked=True), 12, 8),
-        (table("Per model version", f"""
+        (timeseries("Errors per second, by kind", _series("""
+SELECT $__timeInterval({time}) AS time, Attributes['stethoscope.error.kind'] AS kind,
+       {sum} / $__interval_s AS errors
+FROM {table}
+WHERE MetricName = 'stethoscope.model.errors' AND """ + _MODEL_ATTR_WHERE_T + """
+GROUP BY time, kind""", force, SUM), unit="reqps", stacked=True), 12, 8),
+        (table("Per model version", _total("""
 SELECT Attributes['stethoscope.model'] AS model, Attributes['stethoscope.model.version'] AS version,
-       sumIf(Value, MetricName = 'stethoscope.model.requests') AS requests,
-       sumIf(Value, MetricName = 'stethoscope.model.errors') AS errors,
+       sumIf({value}, MetricName = 'stethoscope.model.requests') AS requests,
+       sumIf({value}, MetricName = 'stethoscope.model.errors') AS errors,
        errors / nullIf(requests, 0) AS error_share
-FROM otel_metrics_sum
-WHERE MetricName IN ('stethoscope.model.requests', 'stethoscope.model.errors') AND {_MODEL_ATTR_WHERE}
-GROUP BY model, version
-ORDER BY requests DESC"""), 12, 8),
+FROM {table}
+WHERE MetricName IN ('stethoscope.model.requests', 'stethoscope.model.errors') AND """ + _MODEL_ATTR_WHERE_T + """
+GROUP BY model, version""", force, SUM, order_by="requests DESC")), 12, 8),
     ]
     return dashboard("stethoscope-inference", _TITLES["stethoscope-inference"], tags=["models"], panels=panels,
                      description="Request rate, latency quantiles from the histogram buckets, and errors.",
@@ -342,7 +351,7 @@ GROUP BY time, series
 ORDER BY time"""
 
 
-def drift() -> Json:
+def drift(force: int | None = None) -> Json:
     panels = [
         (table("Per-feature drift (latest window)", f"""
 SELECT Model AS model, ModelVersion AS version, Feature AS feature,
@@ -365,13 +374,12 @@ FROM samples
 WHERE $__timeFilter(Timestamp) AND {_MODEL_COL}
 GROUP BY time
 ORDER BY time"""), 12, 8),
-        (timeseries("Sampling probability", f"""
-SELECT $__timeInterval(TimeUnix) AS time, concat(Attributes['stethoscope.model'], '/', Attributes['stethoscope.stream']) AS stream,
-       avg(Value) AS probability
-FROM otel_metrics_gauge
-WHERE MetricName = 'stethoscope.model.sampling.probability' AND {_MODEL_ATTR_WHERE}
-GROUP BY time, stream
-ORDER BY time""", unit="percentunit"), 12, 8),
+        (timeseries("Sampling probability", _series("""
+SELECT $__timeInterval({time}) AS time, concat(Attributes['stethoscope.model'], '/', Attributes['stethoscope.stream']) AS stream,
+       {avg} AS probability
+FROM {table}
+WHERE MetricName = 'stethoscope.model.sampling.probability' AND """ + _MODEL_ATTR_WHERE_T + """
+GROUP BY time, stream""", force), unit="percentunit"), 12, 8),
         (table("Samples by stream", f"""
 SELECT Model AS model, ModelVersion AS version, Stream AS stream, count() AS sampled_rows,
        sum(AdjustedCount) AS estimated_predictions, sampled_rows / nullIf(estimated_predictions, 0) AS sampling_rate,
@@ -389,39 +397,39 @@ ORDER BY estimated_predictions DESC"""), 12, 8),
 
 # ---------------------------------------------------------------- cost
 
-_GPU_INTERVALS = f"""
-  SELECT $__timeInterval(TimeUnix) AS t, {_NODE} AS node, {_GPU} AS gpu, avg(Value) AS util
-  FROM otel_metrics_gauge
-  WHERE MetricName = 'gpu.utilization' AND {_GPU_WHERE}
+_GPU_INTERVALS = """
+  SELECT $__timeInterval({time}) AS t, {node} AS node, {gpu} AS gpu, {avg} AS util
+  FROM {table}
+  WHERE MetricName = 'gpu.utilization' AND """ + _GPU_WHERE_T + """
   GROUP BY t, node, gpu"""
 _HOURS = "count() * $__interval_s / 3600"
 _IDLE_HOURS = f"countIf(util < {IDLE_UTILIZATION}) * $__interval_s / 3600"
 
 
-def cost() -> Json:
+def cost(force: int | None = None) -> Json:
     requests = """(SELECT sum(Value) FROM otel_metrics_sum
    WHERE MetricName = 'stethoscope.model.requests' AND $__timeFilter(TimeUnix)
    AND $__conditionalAll(Attributes['stethoscope.model'] IN ($model), $model))"""
     panels = [
-        (stat("GPU hours", f"SELECT {_HOURS} AS gpu_hours FROM ({_GPU_INTERVALS})", decimals=1), 6, 4),
-        (stat("GPU cost", f"SELECT {_HOURS} * $gpu_hour_price AS cost FROM ({_GPU_INTERVALS})",
-              unit="currencyUSD"), 6, 4),
-        (stat("Idle cost", f"SELECT {_IDLE_HOURS} * $gpu_hour_price AS idle_cost FROM ({_GPU_INTERVALS})",
+        (stat("GPU hours", _series(f"SELECT {_HOURS} AS gpu_hours FROM ({_GPU_INTERVALS})", force, order_by=""),
+              decimals=1), 6, 4),
+        (stat("GPU cost", _series(f"SELECT {_HOURS} * $gpu_hour_price AS cost FROM ({_GPU_INTERVALS})", force,
+                                  order_by=""), unit="currencyUSD"), 6, 4),
+        (stat("Idle cost", _series(f"SELECT {_IDLE_HOURS} * $gpu_hour_price AS idle_cost FROM ({_GPU_INTERVALS})",
+                                   force, order_by=""),
               unit="currencyUSD", description=f"GPU intervals with mean utilization below {IDLE_UTILIZATION}."), 6, 4),
-        (stat("GPU cost per 1,000 predictions", f"""
+        (stat("GPU cost per 1,000 predictions", _series(f"""
 SELECT {_HOURS} * $gpu_hour_price / nullIf({requests} / 1000, 0) AS cost_per_1k
-FROM ({_GPU_INTERVALS})""", unit="currencyUSD"), 6, 4),
-        (timeseries("GPU cost over time", f"""
+FROM ({_GPU_INTERVALS})""", force, order_by=""), unit="currencyUSD"), 6, 4),
+        (timeseries("GPU cost over time", _series(f"""
 SELECT t AS time, {_HOURS} * $gpu_hour_price AS busy_and_idle, {_IDLE_HOURS} * $gpu_hour_price AS idle
 FROM ({_GPU_INTERVALS})
-GROUP BY t
-ORDER BY time""", unit="currencyUSD", bars=True), 24, 8),
-        (table("Cost by node", f"""
+GROUP BY t""", force), unit="currencyUSD", bars=True), 24, 8),
+        (table("Cost by node", _series(f"""
 SELECT node, uniqExact(gpu) AS gpus, {_HOURS} AS gpu_hours, {_IDLE_HOURS} AS idle_gpu_hours,
        gpu_hours * $gpu_hour_price AS cost, idle_gpu_hours * $gpu_hour_price AS idle_cost, avg(util) AS utilization
 FROM ({_GPU_INTERVALS})
-GROUP BY node
-ORDER BY cost DESC"""), 12, 8),
+GROUP BY node""", force, order_by="cost DESC")), 12, 8),
         (table("Declared cost per 1,000 predictions, by model", """
 SELECT Attributes['stethoscope.model'] AS model,
        sumIf(Value, MetricName = 'stethoscope.model.requests') AS predictions,

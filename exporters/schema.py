@@ -18,10 +18,12 @@ release go in :data:`MIGRATIONS` and are recorded in ``schema_migrations``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
-from stethoscope.alerts.schema import ALERTS_DDL
+from stethoscope.alerts.schema import ALERTS_DDL, ATTEMPTS_DDL
+from stethoscope.dashboards.rollups import ROLLUPS, rebuild_statements, view_statement
 
 __all__ = [
     "Table",
@@ -34,6 +36,8 @@ __all__ = [
     "SAMPLING_CONFIG_TABLE",
     "FINDINGS_TABLE",
     "ALERTS_TABLE",
+    "NOTIFICATION_ATTEMPTS_TABLE",
+    "ACTIONS_TABLE",
     "MIGRATIONS",
     "SchemaOptions",
     "create_statements",
@@ -311,6 +315,7 @@ FINDINGS_TABLE = Table(
         ("WindowEnd", "DateTime64(3)", "CODEC(ZSTD(1))"),
         ("Details", "String", "CODEC(ZSTD(1))"),
         ("Labels", _MAP, "CODEC(ZSTD(1))"),
+        ("InsertedAt", "DateTime64(3)", "DEFAULT now64(3) CODEC(Delta(8), ZSTD(1))"),
     ),
     partition_by="toDate(Time)",
     order_by="(Kind, Model, Time)",
@@ -342,6 +347,36 @@ def _table_from_ddl(ddl: str) -> Table:
 #: (no time column); old versions may be deleted with ``ALTER TABLE alerts DELETE WHERE Version < ...``.
 ALERTS_TABLE = _table_from_ddl(ALERTS_DDL)
 
+#: The alert outbox and every delivery attempt (:mod:`stethoscope.alerts.outbox` owns the
+#: definition); partitioned by day and kept as long as the store's TTL.
+NOTIFICATION_ATTEMPTS_TABLE = dataclasses.replace(
+    _table_from_ddl(ATTEMPTS_DDL), partition_by="toDate(Time)", ttl_column="Time"
+)
+
+#: The audit of remediation decisions (:mod:`stethoscope.alerts.actions`): one row per
+#: decision, taken or skipped and why. The guards rebuild their state from it after a
+#: restart. No TTL on purpose (an audit trail outlives telemetry); prune it by hand.
+ACTIONS_TABLE = Table(
+    name="actions",
+    columns=(
+        ("Time", "DateTime64(3)", "CODEC(Delta(8), ZSTD(1))"),
+        ("ActionId", "String", "CODEC(ZSTD(1))"),
+        ("Action", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("Target", "String", "CODEC(ZSTD(1))"),
+        ("Rule", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("Fingerprint", "String", "CODEC(ZSTD(1))"),
+        ("Decision", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+        ("Reason", "String", "CODEC(ZSTD(1))"),
+        ("DryRun", "Bool", "CODEC(ZSTD(1))"),
+        ("Params", "String", "CODEC(ZSTD(1))"),
+        ("Result", "String", "CODEC(ZSTD(1))"),
+        ("IdempotencyKey", "String", "CODEC(ZSTD(1))"),
+    ),
+    partition_by="toDate(Time)",
+    order_by="(Time, ActionId)",
+    ttl_column="",
+)
+
 #: Every table Stethoscope creates and keeps the TTL of (``schema_migrations`` aside).
 TABLES: dict[str, Table] = {
     **{t.name: t for t in METRIC_TABLES.values()},
@@ -351,7 +386,18 @@ TABLES: dict[str, Table] = {
     SAMPLING_CONFIG_TABLE.name: SAMPLING_CONFIG_TABLE,
     FINDINGS_TABLE.name: FINDINGS_TABLE,
     ALERTS_TABLE.name: ALERTS_TABLE,
+    NOTIFICATION_ATTEMPTS_TABLE.name: NOTIFICATION_ATTEMPTS_TABLE,
+    ACTIONS_TABLE.name: ACTIONS_TABLE,
 }
+
+#: Per-minute and per-hour rollups of the gauge and sum tables, filled by materialized
+#: views (:mod:`stethoscope.dashboards.rollups` owns the definitions); same TTL as the rest.
+ROLLUP_TABLES: dict[str, Table] = {
+    r.name: Table(name=r.name, columns=r.columns, order_by=r.order_by, partition_by=r.partition_by,
+                  ttl_column=r.ttl_column, engine="AggregatingMergeTree")
+    for r in ROLLUPS
+}
+TABLES.update(ROLLUP_TABLES)
 
 
 @dataclass(frozen=True)
@@ -428,6 +474,8 @@ def create_table_statement(t: Table, opts: SchemaOptions, *, db: str | None = No
     engine = t.engine
     if opts.engine and engine == "MergeTree":
         engine = opts.engine
+    elif opts.engine and engine == "AggregatingMergeTree":  # ReplicatedMergeTree -> ReplicatedAggregatingMergeTree
+        engine = opts.engine.replace("MergeTree", "AggregatingMergeTree", 1)
     settings = ["index_granularity = 8192"]
     if t.ttl_column:
         settings.append("ttl_only_drop_parts = 1")
@@ -452,8 +500,11 @@ def create_statements(opts: SchemaOptions, tables: list[Table] | None = None) ->
     """``CREATE ... IF NOT EXISTS`` statements for the database and ``tables``."""
     db = quote_ident(opts.database)
     stmts = [f"CREATE DATABASE IF NOT EXISTS {db}{opts.on_cluster()}"]
-    for t in tables if tables is not None else [MIGRATIONS_TABLE, *TABLES.values()]:
+    tables = tables if tables is not None else [MIGRATIONS_TABLE, *TABLES.values()]
+    for t in tables:
         stmts.append(create_table_statement(t, opts))
+    names = {t.name for t in tables}
+    stmts += [view_statement(r, db, opts.on_cluster()) for r in ROLLUPS if {r.name, r.reads} <= names]
     return stmts
 
 
@@ -516,4 +567,18 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(3, "findings table for analytics results", _migration_ddl(FINDINGS_TABLE)),
     Migration(4, "alerts table for alert state snapshots", _migration_ddl(ALERTS_TABLE)),
+    Migration(5, "notification_attempts table for the alert outbox", _migration_ddl(NOTIFICATION_ATTEMPTS_TABLE)),
+    Migration(6, "actions table auditing every remediation decision", _migration_ddl(ACTIONS_TABLE)),
+    Migration(
+        7,
+        "per-minute and per-hour rollups of gauges and sums, rebuilt from the rows already stored",
+        (*_migration_ddl(*ROLLUP_TABLES.values()),
+         *(s for r in ROLLUPS for s in rebuild_statements(r, "{db}", "{on_cluster}"))),
+    ),
+    Migration(
+        8,
+        "findings.InsertedAt: when a finding was written, so alert rules read findings in the order they arrive",
+        ("ALTER TABLE {db}.findings {on_cluster} ADD COLUMN IF NOT EXISTS InsertedAt DateTime64(3) "
+         "DEFAULT now64(3) CODEC(Delta(8), ZSTD(1))",),
+    ),
 )

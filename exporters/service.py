@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from stethoscope.config import Config, parse_duration
 
+from .auth import listener_security
+from .cardinality import CardinalityLimiter
 from .http_common import Listener
 from .ingest import Ingestor
 from .otlp import LOG_COLUMNS, MetricsDecoder
@@ -20,6 +22,7 @@ from .store import Store, open_store
 
 if TYPE_CHECKING:
     from stethoscope.alerts.runner import AlertRunner
+    from stethoscope.analytics.anomaly_scheduler import AnomalyScheduler
     from stethoscope.analytics.scheduler import DriftScheduler
 
 __all__ = ["Service", "open_configured_store"]
@@ -40,18 +43,20 @@ def open_configured_store(cfg: Config) -> Store:
 
 def _drift_scheduler(cfg: Config, store: Store) -> DriftScheduler:
     """The drift scheduler ``[analytics]`` describes (SciPy and pyarrow: the ``server`` extra, as for ``up``)."""
-    from stethoscope.analytics.calibration import Calibration
     from stethoscope.analytics.scheduler import DriftScheduler
 
-    a = cfg.analytics
-    return DriftScheduler(
-        store,
-        interval_s=parse_duration(a.interval),
-        window_s=parse_duration(a.window),
-        reference=a.reference,
-        min_rows=a.min_rows,
-        calibration=Calibration(alpha=a.alpha, correction=a.correction),
-    )
+    return DriftScheduler.from_config(store, cfg.analytics)
+
+
+def _anomaly_scheduler(cfg: Config, store: Store, alerts: AlertRunner | None) -> AnomalyScheduler:
+    """The training, fleet, serving and cost watches ``[anomaly]`` describes; new findings wake the alert runner."""
+    from stethoscope.analytics.anomaly_scheduler import AnomalyScheduler
+    from stethoscope.analytics.fleet_watch import watches_from_config
+    from stethoscope.analytics.training_analysis import TrainingWatch
+
+    watches = [TrainingWatch(lookback_s=parse_duration(cfg.anomaly.lookback)), *watches_from_config(cfg)]
+    return AnomalyScheduler(store, watches, interval_s=parse_duration(cfg.anomaly.interval),
+                            on_findings=alerts.wake if alerts is not None else None)
 
 
 class Service:
@@ -83,6 +88,7 @@ class Service:
         self.ingestor: Ingestor | None = None
         self.scheduler: DriftScheduler | None = None
         self.alerts: AlertRunner | None = None
+        self.anomaly: AnomalyScheduler | None = None
         self.otlp: Listener | None = None
         self.sql: Listener | None = None
         self._stopped = threading.Event()
@@ -90,6 +96,7 @@ class Service:
     def start(self) -> None:
         cfg = self.cfg
         try:
+            tokens, tls = listener_security(cfg)  # refuses an open non-loopback listener (ConfigError)
             applied = self.store.ensure_schema()
             if applied:
                 log.info("schema migrations applied: %s", applied)
@@ -121,11 +128,19 @@ class Service:
 
                 self.alerts = runner_from_config(cfg, self.store)
                 self.alerts.start()
-            decoder = MetricsDecoder(cfg.collector.decoder)
+            if cfg.anomaly.enabled:
+                self.anomaly = _anomaly_scheduler(cfg, self.store, self.alerts)
+                self.anomaly.start()
+            limit = cfg.collector.cardinality_limit
+            decoder = MetricsDecoder(
+                cfg.collector.decoder, limiter=CardinalityLimiter(limit, metrics=self.metrics) if limit else None
+            )
             log.info("OTLP metrics decoding: %s", decoder.implementation)
             self.otlp = Listener(
                 (cfg.collector.host, cfg.collector.otlp_http_port),
                 OtlpHandler,
+                tls=tls,
+                auth=tokens,
                 metrics=self.metrics,
                 store=self.store,
                 ingestor=self.ingestor,
@@ -138,6 +153,8 @@ class Service:
             self.sql = Listener(
                 (cfg.sql.host, cfg.sql.port),
                 SqlHandler,
+                tls=tls,
+                auth=tokens,
                 metrics=self.metrics,
                 store=self.store,
                 writable=cfg.sql.writable,
@@ -150,12 +167,15 @@ class Service:
         self.otlp.start("stethoscope-otlp-http")
         self.sql.start("stethoscope-sql-http")
         log.info(
-            "stethoscope up: OTLP/HTTP on http://%s:%d, SQL on http://%s:%d (%s), store %s",
+            "stethoscope up: OTLP/HTTP on %s://%s:%d, SQL on %s://%s:%d (%s, %s), store %s",
+            self.otlp.scheme,
             cfg.collector.host,
             self.otlp.port,
+            self.sql.scheme,
             cfg.sql.host,
             self.sql.port,
             "read-write" if cfg.sql.writable else "read-only",
+            f"{len(tokens)} tokens" if tokens is not None else "no tokens",
             cfg.store.clickhouse_url.split("@")[-1] if cfg.store.clickhouse_url else f"chDB in {cfg.store.data_dir}",
         )
 
@@ -172,6 +192,8 @@ class Service:
         self._stopped.set()
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.anomaly is not None:
+            self.anomaly.stop()
         if self.alerts is not None:
             self.alerts.stop()
         if self.otlp is not None:

@@ -95,6 +95,8 @@ def _build_agent(cfg: Config, endpoint: str | None = None, *, in_process: bool =
         gzip=a.gzip,
         extra_readers=readers,
         dry_run=dry_run,
+        token=os.environ.get(a.token_env, "").strip() or None if a.token_env else None,
+        ca_file=os.path.expanduser(a.ca_file) if a.ca_file else None,
     )
     return agent, exposition
 
@@ -184,9 +186,22 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     fmt = args.format or ("PrettyCompact" if sys.stdout.isatty() else "TabSeparated")
     url = args.url.rstrip("/") + "/?" + urllib.parse.urlencode({"default_format": fmt})
-    req = urllib.request.Request(url, data=args.query.encode("utf-8"), method="POST")
+    headers = {}
+    if args.token_env:
+        token = os.environ.get(args.token_env, "").strip()
+        if not token:
+            print(f"stethoscope sql: --token-env {args.token_env}: that environment variable is unset or empty",
+                  file=sys.stderr)
+            return 2
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=args.query.encode("utf-8"), method="POST", headers=headers)
+    context = None
+    if args.ca_file:
+        import ssl
+
+        context = ssl.create_default_context(cafile=args.ca_file)
     try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+        with urllib.request.urlopen(req, timeout=args.timeout, context=context) as resp:
             sys.stdout.buffer.write(resp.read())
     except urllib.error.HTTPError as exc:
         print(exc.read().decode("utf-8", "replace").rstrip(), file=sys.stderr)
@@ -222,6 +237,14 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     if not problems:
         print(f"{', '.join(map(str, paths))}: ok")
     return 1 if problems else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from .demo import run_demo
+
+    result = run_demo(duration_s=args.duration, speedup=args.speedup, out_dir=args.out, data_dir=args.data_dir)
+    return 0 if result.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--url", default="http://127.0.0.1:8123", help="SQL endpoint (default http://127.0.0.1:8123)")
     sq.add_argument("--format", help="output format (default PrettyCompact on a terminal, else TabSeparated)")
     sq.add_argument("--timeout", type=float, default=60.0)
+    sq.add_argument("--token-env", help="environment variable holding a bearer token to send (the token never goes on the command line)")
+    sq.add_argument("--ca-file", help="PEM CA bundle that verifies an https endpoint")
     sq.set_defaults(func=cmd_sql)
 
     from .analytics import drift_cli
@@ -270,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("drift", help="compare a current table (CSV or Parquet) with a reference")
     drift_cli.add_arguments(dr)
     dr.set_defaults(func=drift_cli.run)
+
+    from .analytics import analyze_cli
+
+    an = sub.add_parser("analyze", help="offline analysis of exported runs (analyze training FILE)")
+    analyze_cli.add_arguments(an)
+    an.set_defaults(func=analyze_cli.run)
 
     from .dashboards import cli as dashboards_cli
 
@@ -288,6 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     alc = al_sub.add_parser("check", help="validate rule files, reporting every problem with its file and line")
     alc.add_argument("paths", nargs="*", help="rule files or folders (default: the shipped default pack)")
     alc.set_defaults(func=cmd_alerts)
+    from .alerts import silences as silences_cli
+
+    als = al_sub.add_parser("silence", help="silence alerts of the running up: add, list, expire")
+    silences_cli.add_arguments(als)
+    als.set_defaults(func=silences_cli.run)
+    from .alerts import actions as actions_cli
+
+    actions_cli.add_cli(al_sub)  # approve, reject, pending: remediation approvals
+
+    dm = sub.add_parser("demo", help="run up with a simulated fleet, inject incidents, and show what was detected")
+    dm.add_argument("--duration", type=float, default=420.0, help="seconds to run (default 420)")
+    dm.add_argument("--speedup", type=float, default=1.0, help="simulated seconds per wall second (default 1)")
+    dm.add_argument("--out", default=".", help="folder for the HTML report and the JSON summary (default .)")
+    dm.add_argument("--data-dir", help="keep the store here (default: a temporary folder, removed after)")
+    dm.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    dm.set_defaults(func=cmd_demo)
 
     cf = sub.add_parser("config", help="list settings, or check a configuration file")
     cf.add_argument("action", choices=["list", "check"])

@@ -19,6 +19,7 @@ stethoscope.errors.ConfigError: 2 configuration problems:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -37,7 +38,11 @@ __all__ = [
     "SqlConfig",
     "AgentConfig",
     "AnalyticsConfig",
+    "AnomalyConfig",
     "AlertsConfig",
+    "AuthConfig",
+    "TlsConfig",
+    "RemediationConfig",
     "load_config",
     "parse_duration",
     "ENV_PREFIX",
@@ -188,6 +193,12 @@ class CollectorConfig:
     sampling_default_target: float = _setting(
         1.0, "Sampled rows per second per model stream unless overridden on /v1/sampling.", _non_negative
     )
+    cardinality_limit: int = _setting(
+        0,
+        "Series per metric name and hour (the OpenTelemetry SDK default is 2000): points with further attribute "
+        "sets are stored with otel.metric.overflow=true only. 0 turns the limit off; see docs/security.md for its cost.",
+        lambda v: None if v == 0 or v >= 2 else f"must be 0 (off) or 2 or more, got {v}",
+    )
 
 
 @dataclass(frozen=True)
@@ -239,6 +250,11 @@ class AgentConfig:
     )
     prometheus_host: str = _setting("127.0.0.1", "Address of the agent's own Prometheus /metrics.", _non_empty)
     prometheus_port: int = _setting(9464, "Port of the agent's Prometheus /metrics; 0 turns it off.", _non_negative)
+    token_env: str = _setting(
+        "STETHOSCOPE_AGENT_TOKEN",
+        "Name of the environment variable holding the agent's bearer token (unset or empty: no token).",
+    )
+    ca_file: str = _setting("", "PEM CA bundle that verifies an https endpoint; empty uses the system CAs.")
 
 
 @dataclass(frozen=True)
@@ -259,6 +275,89 @@ class AnalyticsConfig:
     alpha: float = _setting(0.05, "Significance level after multiple-testing correction.", _probability)
     correction: str = _setting("bh", "Correction across features: bh (Benjamini-Hochberg) or bonferroni.",
                                _correction)
+    max_rows: int = _setting(
+        100_000, "Most rows moved to Python per window (a pseudo-random subset chosen in SQL); larger windows also "
+        "get ClickHouse's KS test over every row.", _at_least_two)
+    min_labels: int = _setting(100, "Fewest labelled rows per window for an accuracy_drop finding.", _at_least_two)
+    performance_metric: str = _setting(
+        "auto", "Metric of the accuracy_drop check: auto (accuracy for classes, mae for numbers), accuracy, f1, "
+        "f1_macro, roc_auc or mae.",
+        lambda v: None if v in ("auto", "accuracy", "f1", "f1_macro", "roc_auc", "mae")
+        else f"must be one of auto, accuracy, f1, f1_macro, roc_auc, mae, got {v!r}")
+    max_performance_drop: float = _setting(
+        0.05, "Relative drop of the performance metric against the reference that alerts (0.05 = 5%).", _probability)
+    shadow_min_agreement: float = _setting(
+        0.95, "Shadow versions agreeing with the primary on fewer of the same requests get a warning.", _probability)
+    sketch_reference: str = _setting(
+        "none", "Reference kept as sketches: none, rolling (previous window), version (first window of each model "
+        "version) or fixed:NAME (a named snapshot).",
+        lambda v: None if v in ("none", "rolling", "version") or (v.startswith("fixed:") and len(v) > 6)
+        else f"must be none, rolling, version or fixed:NAME, got {v!r}")
+    sketch_metrics: bool = _setting(
+        True, "Also check drift on the SDK's exported per-feature exponential histograms (every request).")
+
+
+def _gpu_prices(v: tuple[str, ...]) -> str | None:
+    bad = []
+    for e in v:
+        name, sep, price = e.rpartition("=")
+        try:
+            ok = bool(sep and name.strip()) and math.isfinite(float(price)) and float(price) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            bad.append(e)
+    return f"expected MODEL=USD_PER_HOUR entries with a number >= 0, got {', '.join(map(repr, bad))}" if bad else None
+
+
+def _model_slas(v: tuple[str, ...]) -> str | None:
+    bad = []
+    for e in v:
+        name, sep, ms = e.rpartition("=")
+        try:
+            ok = bool(sep and name.strip()) and math.isfinite(float(ms)) and float(ms) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            bad.append(e)
+    return f"expected MODEL=MILLISECONDS entries with a number > 0, got {', '.join(map(repr, bad))}" if bad else None
+
+
+def _share(v: float) -> str | None:
+    return None if 0 < v <= 1 else f"must be greater than 0 and at most 1, got {v}"
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    """The fleet, serving and cost anomaly watches inside ``up`` (docs/anomaly-detectors.md)."""
+
+    enabled: bool = _setting(True, "Run the GPU fleet, serving and cost anomaly detectors and write findings.")
+    interval: str = _setting("10s", "How often the anomaly watches look at new telemetry.", _positive_duration)
+    lookback: str = _setting("10m", "How far back the first run of each watch reads.", _positive_duration)
+    gpu_prices: tuple[str, ...] = _setting(
+        ("NVIDIA H100 80GB HBM3=3.0", "NVIDIA A100-SXM4-80GB=1.8", "default=2.0"),
+        "GPU prices in USD per GPU-hour as MODEL=PRICE (the gpu.model attribute); default= covers the rest. "
+        "The defaults are illustrative on-demand figures, not quotes: set your own.", _gpu_prices,
+    )
+    latency_sla_ms: float = _setting(250.0, "p99 latency SLA of every model, in ms.", _positive)
+    model_slas: tuple[str, ...] = _setting((), "Per-model p99 SLAs as MODEL=MS, overriding latency_sla_ms.",
+                                           _model_slas)
+    temperature_c: float = _setting(85.0, "GPU temperature (deg C) above which a sustained reading is reported.",
+                                    _positive)
+    underutilized_below: float = _setting(0.3, "Mean GPU utilization (0..1) below which a GPU counts as "
+                                          "under-used over 10 minutes.", _share)
+    leak_horizon: str = _setting("30m", "Warn of a GPU memory leak when the forecast out-of-memory is this close.",
+                                 _positive_duration)
+    error_rate: float = _setting(0.01, "Error rate (errors per request) above which a model is reported.",
+                                 _probability)
+    replica_capacity_rps: float = _setting(
+        0.0, "Requests per second one model replica can serve; above 80% of it the capacity detector asks to "
+        "scale up. 0 turns the capacity detector off.", _non_negative)
+    cost_bucket: str = _setting("5m", "Length of the buckets the fleet cost is counted in; cost spikes and idle "
+                                "cost are judged per bucket.", _positive_duration)
+    cost_warmup: int = _setting(6, "Buckets of fleet cost seen before a cost spike can be reported.", _positive)
+    cost_idle_buckets: int = _setting(2, "Buckets in a row in which idle GPUs make up a quarter of the cost before "
+                                      "idle cost is reported.", _positive)
 
 
 @dataclass(frozen=True)
@@ -266,7 +365,8 @@ class AlertsConfig:
     """Alert rules evaluated over findings inside ``up``, and where notifications go."""
 
     enabled: bool = _setting(True, "Evaluate alert rules on new findings and send notifications.")
-    interval: str = _setting("30s", "How often new findings are evaluated against the rules.", _positive_duration)
+    interval: str = _setting("30s", "How often a full alert run happens (expr rules, Alertmanager re-post, snapshot "
+                             "pruning); new findings are also picked up every poll_interval.", _positive_duration)
     rules: tuple[str, ...] = _setting(
         (), "Extra rule files or folders (their .yaml files); the default rule pack always loads."
     )
@@ -281,6 +381,71 @@ class AlertsConfig:
     )
     slack_webhook_url: str = _setting("", "Slack incoming webhook URL; empty sends nothing there.", _http_url)
     repeat_interval: str = _setting("4h", "How long before a still-firing alert is notified again.", _positive_duration)
+    poll_interval: str = _setting(
+        "1s", "Between full runs, how often to look for new findings, silence requests and due retries "
+        "(a cheap query); 0 turns it off and new findings wait for the next full run.", _duration)
+    resolve_after: str = _setting(
+        "10m", "How long an alert stays active after its latest matching finding; at least the period of the "
+        "detector feeding it (drift checks: analytics.interval), or its alerts resolve between two checks.",
+        _positive_duration)
+    outbox_max_age: str = _setting(
+        "24h", "How long an undelivered notification is retried before it is recorded as expired.", _positive_duration)
+    outbox_backoff: str = _setting("1s", "Delay before the first retry of a failed notification; doubles per attempt.",
+                                   _positive_duration)
+    outbox_backoff_max: str = _setting("5m", "Longest delay between two attempts of one notification.",
+                                       _positive_duration)
+    snapshot_retention: str = _setting(
+        "1h", "How long old alert-state snapshots are kept in the alerts table (the newest is always kept).", _duration)
+    silence_dir: str = _setting(
+        "", "Folder where `stethoscope alerts silence` leaves requests for the running `up`; empty means "
+        "silence-requests inside store.data_dir.")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer tokens for the OTLP receiver, the sampling endpoint and the SQL endpoint (docs/security.md)."""
+
+    tokens_file: str = _setting(
+        "", "TOML or YAML file of tokens (SHA-256 hashes, names, permissions); empty leaves the listeners open."
+    )
+    allow_unauthenticated: bool = _setting(
+        False, "Serve without tokens even on a non-loopback address (otherwise up refuses to start)."
+    )
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for every listener of up (OTLP/HTTP and SQL); empty serves plain HTTP."""
+
+    cert_file: str = _setting("", "PEM server certificate (chain) for every listener; set with key_file.")
+    key_file: str = _setting("", "PEM private key of cert_file.")
+    client_ca_file: str = _setting("", "PEM CA bundle: when set, clients must present a certificate it signed (mTLS).")
+
+
+@dataclass(frozen=True)
+class RemediationConfig:
+    """Guarded remediation actions named in alert rules (retrain, scale, cordon, webhook); docs/remediation.md."""
+
+    dry_run: bool = _setting(True, "Only record what each action would do; nothing is called until this is false.")
+    max_per_hour: int = _setting(20, "Most actions taken in any hour, all actions together.", _positive)
+    cooldown: str = _setting("10m", "Least time between two runs of one action on one target, unless a rule sets "
+                             "its own cooldown.", _duration)
+    approval_timeout: str = _setting("1h", "How long an action waits for approval before it is rejected as expired.",
+                                     _positive_duration)
+    kube_api_url: str = _setting(
+        "", "Kubernetes API server URL; empty uses KUBERNETES_SERVICE_HOST/PORT (in a pod).", _http_url)
+    kube_token_file: str = _setting("/var/run/secrets/kubernetes.io/serviceaccount/token",
+                                    "File holding the bearer token for the Kubernetes API (read on every call).",
+                                    _non_empty)
+    kube_ca_file: str = _setting("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+                                 "CA bundle verifying the Kubernetes API server's certificate.")
+    kube_timeout: str = _setting("10s", "Timeout of each call an action makes.", _positive_duration)
+    api_host: str = _setting("127.0.0.1", "Address of the remediation API (approvals, KEDA values).", _non_empty)
+    api_port: int = _setting(0, "Port of the remediation API serving approvals and the desired replica counts KEDA's "
+                             "metrics-api scaler reads; 0 turns it off.", _non_negative)
+    api_token_env: str = _setting(
+        "STETHOSCOPE_REMEDIATION_TOKEN", "Name of the environment variable holding the bearer token the remediation "
+        "API requires (needed beyond loopback).", _env_name)
 
 
 @dataclass(frozen=True)
@@ -292,7 +457,11 @@ class Config:
     sql: SqlConfig = field(default_factory=SqlConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     analytics: AnalyticsConfig = field(default_factory=AnalyticsConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    remediation: RemediationConfig = field(default_factory=RemediationConfig)
     log_level: str = _setting("INFO", "Logging level.", _log_level)
 
 
@@ -302,7 +471,11 @@ _SECTION_TYPES = {
     "sql": SqlConfig,
     "agent": AgentConfig,
     "analytics": AnalyticsConfig,
+    "anomaly": AnomalyConfig,
     "alerts": AlertsConfig,
+    "auth": AuthConfig,
+    "tls": TlsConfig,
+    "remediation": RemediationConfig,
 }
 
 
@@ -446,6 +619,10 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append(
             f"collector.otlp_http_port and sql.port are both {cfg.sql.port} on {cfg.sql.host}: pick two ports"
         )
+    if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):
+        problems.append("tls.cert_file and tls.key_file must be set together")
+    if cfg.tls.client_ca_file and not cfg.tls.cert_file:
+        problems.append("tls.client_ca_file needs tls.cert_file and tls.key_file: mutual TLS runs over TLS")
     if cfg.store.cluster and not cfg.store.clickhouse_url:
         problems.append("store.cluster needs store.clickhouse_url: the embedded store has no cluster")
     return problems

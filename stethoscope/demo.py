@@ -152,7 +152,7 @@ def scenario(seed: int = 0) -> Scenario:
 
     gib = 1 << 30
     nodes = {f"node-{i}": [] for i in range(4)}
-    nodes["node-2"].append(MemoryLeak(gpu=5, start_s=40, bytes_per_s=0.02 * gib))
+    nodes["node-2"].append(MemoryLeak(gpu=5, start_s=20, bytes_per_s=0.02 * gib))
     nodes["node-1"].append(ThermalThrottle(gpu=3, start_s=70, duration_s=600))
     nodes["node-3"].append(Xid(gpu=0, at_s=95, code=79))
     job = SimulatedTrainingJob("llm-pretrain", world_size=32, gpus_per_node=8, step_s=0.5, seed=seed, incidents=[
@@ -171,7 +171,7 @@ def scenario(seed: int = 0) -> Scenario:
                  ("job=llm-pretrain",)),
         Injected("input_stall", "Input-pipeline stall: 0.8 s data wait per step", 110,
                  ("input_bound", "throughput_regression"), ("job=llm-pretrain",)),
-        Injected("memory_leak", "GPU memory leak: node-2 GPU 5, 20 MiB/s", 40, ("memory_leak_forecast",),
+        Injected("memory_leak", "GPU memory leak: node-2 GPU 5, 20 MiB/s", 20, ("memory_leak_forecast",),
                  ("node=node-2", "gpu=5")),
         Injected("thermal_throttle", "Thermal throttle: node-1 GPU 3 above 85 C", 70,
                  ("gpu_temperature", "gpu_throttle"), ("node=node-1", "gpu=3")),
@@ -180,8 +180,11 @@ def scenario(seed: int = 0) -> Scenario:
         Injected("feature_drift", "Feature drift: fraud v3 feature x2 shifted by 1 sd", 80,
                  ("feature_drift", "dataset_drift", "prediction_drift"), ("model=fraud",)),
         Injected("latency", "Latency regression: ranker 8x slower", 120, ("latency_sla",), ("model=ranker",)),
+        Injected("cost_spike", "Cost spike: 3 more nodes (24 GPUs) join the cluster", 150,
+                 ("cost_spike", "idle_gpu_cost"), ("cluster=",)),
     ]
-    return Scenario(nodes=nodes, job=job, services=[fraud, ranker], injected=injected)
+    extra = {f"node-{i}": 150.0 for i in range(4, 7)}
+    return Scenario(nodes=nodes, job=job, services=[fraud, ranker], injected=injected, extra_nodes=extra)
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -240,7 +243,7 @@ def _print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
             out.write("  ".join("-" * w for w in widths) + "\n")
 
 
-def run_demo(*, duration_s: float = 300.0, speedup: float = 1.0, out_dir: str | os.PathLike[str] = ".",
+def run_demo(*, duration_s: float = 420.0, speedup: float = 1.0, out_dir: str | os.PathLike[str] = ".",
              data_dir: str | os.PathLike[str] | None = None, progress: TextIO = sys.stdout,
              seed: int = 0) -> DemoResult:
     """Run the demo for ``duration_s`` wall seconds; see the module docstring."""
@@ -281,10 +284,10 @@ def run_demo(*, duration_s: float = 300.0, speedup: float = 1.0, out_dir: str | 
         "store.flush_interval": "100ms",
         "collector.otlp_http_port": _free_port(),
         "sql.port": _free_port(),
-        "collector.sampling_default_target": 25.0,
+        "collector.sampling_default_target": 40.0,
         "analytics.interval": "10s",
-        "analytics.window": "40s",
-        "analytics.min_rows": 100,
+        "analytics.window": "60s",
+        "analytics.min_rows": 400,
         "alerts.interval": "2s",
         "alerts.webhook_url": sink.url,
         "alerts.webhook_secret_env": SECRET_ENV,
@@ -308,13 +311,18 @@ def run_demo(*, duration_s: float = 300.0, speedup: float = 1.0, out_dir: str | 
                        f"{len(sc.services)} models x 2 replicas; {len(sc.injected)} incidents on the timeline\n")
         progress.flush()
         clock.start()
-        for i, (node, incidents) in enumerate(sc.nodes.items()):
+
+        def start_node(i: int, node: str, incidents: Sequence[Any]) -> None:
             sim = SimulatedGpuCollector(gpus=8, seed=seed * 100 + i, incidents=incidents, clock=clock)
             agent = Agent(endpoint=endpoint, interval_s=2.0, collectors=[sim], cpu_budget=None, rss_budget_bytes=None,
                           resource=build_resource(extra={"host.name": node}, environ={}), fast_interval_s=1.0)
             agent.start()
             agents.append(agent)
-        stop_all += [a.shutdown for a in agents]
+            stop_all.append(agent.shutdown)
+
+        for i, (node, incidents) in enumerate(sc.nodes.items()):
+            start_node(i, node, incidents)
+        pending_nodes = dict(sc.extra_nodes)
 
         def training_monitor(rank: int, node: str, gpu: int, vclock: Callable[[], float]) -> Any:
             return TrainingMonitor(sc.job.job, rank=rank, world_size=sc.job.world_size, node=node, gpu=gpu,
@@ -338,6 +346,10 @@ def run_demo(*, duration_s: float = 300.0, speedup: float = 1.0, out_dir: str | 
         told: set[str] = set()
         while time.time() < deadline:
             now_sim = clock()
+            for node, at in list(pending_nodes.items()):
+                if now_sim >= at:
+                    del pending_nodes[node]
+                    start_node(len(agents), node, [])
             for inc in sc.injected:
                 if inc.key not in started_at and now_sim >= inc.at_s:
                     started_at[inc.key] = time.time()
@@ -382,7 +394,10 @@ def _optional_overrides() -> dict[str, Any]:
     names = {f.name for f in Config.__dataclass_fields__.values()}
     out: dict[str, Any] = {}
     if "anomaly" in names:
-        out["anomaly.interval"] = "2s"
+        # Cost is counted in 15 s buckets instead of 5 min ones, so that a spike can be seen in minutes; idle cost
+        # needs 4 of them (1 min), so the 30 s every simulated GPU spends loading its job is not reported as idle.
+        out.update({"anomaly.interval": "2s", "anomaly.cost_bucket": "15s", "anomaly.cost_warmup": 4,
+                    "anomaly.cost_idle_buckets": 4})
     return out
 
 
@@ -444,7 +459,15 @@ def _finish(sc: Scenario, sink: WebhookSink, rule_kinds: Mapping[str, tuple[str,
 
 
 def _action_for(service: Any, rec: Received | None) -> str:
-    """The remediation decision recorded for the alert's fingerprint, if the build records any."""
-    if rec is None:
+    """The remediation decision audited for the alert (by fingerprint), e.g. ``cordon node-3: dry_run``."""
+    fp = str(rec.body.get("fingerprint", "")) if rec is not None else ""
+    if not fp or any(c not in "0123456789abcdef" for c in fp):
         return ""
-    return ""
+    try:
+        data = service.store.query(
+            f"SELECT Action, Target, Decision FROM actions WHERE Fingerprint = '{fp}' ORDER BY Time LIMIT 1",
+            "JSONEachRow").data
+    except Exception:  # a store without the actions table: no remediation to show
+        return ""
+    rows = [json.loads(line) for line in data.splitlines() if line.strip()]
+    return ", ".join(f"{r['Action']} {r['Target']}: {r['Decision']}" for r in rows)

@@ -297,3 +297,19 @@ def test_a_snapshot_older_than_the_retention_is_kept_when_it_is_the_newest(store
     r2.load()
     assert r2.prune(NOW + 86400)  # a day later, nothing newer was written
     assert store.query("SELECT count() FROM alerts WHERE Kind = 'snapshot'", "TabSeparated").data == b"1\n"
+
+
+def test_a_finding_written_late_with_an_earlier_time_is_still_evaluated(store, tmp_path, hook):
+    """Detectors stamp findings with the incident's start; the runner must read them in the order they are written."""
+    url, h = hook
+    r = runner(store, tmp_path, url)
+    writer = FindingsWriter(store)
+    writer.write([drift(NOW + 10, model="ranker")])  # written first, stamped later
+    assert [n.rule for n in r.run_once(NOW + 10)] == ["FeatureDrift"]
+    late = Finding(time=NOW + 2, kind="straggler_rank", subject="job=llm rank=13 node=node-1 gpu=5",
+                   severity="warning", statistic=0.15, threshold=0.1)
+    writer.write([late])  # written second, stamped earlier than anything seen so far
+    notes = r.run_once(NOW + 12)
+    assert [(n.rule, n.subject) for n in notes] == [("TrainingStragglerRank", "job=llm rank=13 node=node-1 gpu=5")]
+    assert r.run_once(NOW + 14) == []  # read once, not again from the overlap
+    assert h.errors == [] and [m["rule"] for m in h.received] == ["FeatureDrift", "TrainingStragglerRank"]

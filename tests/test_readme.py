@@ -13,6 +13,6 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```sh\n((?:sh scripts/system-deps.sh && )?python3 -m venv[^\n]+)\n```", readme)
     assert len(commands) == 2, commands
     main_job, test_cmd = commands
-    assert "stethoscope up" in main_job and "pytest" in test_cmd
+    assert "stethoscope demo" in main_job and "pytest" in test_cmd
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_cmd in ci

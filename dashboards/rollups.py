@@ -1,0 +1,308 @@
+"""Per-minute and per-hour rollups of the gauge and sum metric tables, and how panels pick them.
+
+A rollup is an ``AggregatingMergeTree`` table filled by a materialized view
+(``CREATE MATERIALIZED VIEW ... TO <rollup>``) on a raw table (the minute rollups) or
+on the minute rollup (the hourly ones). Each row summarises one series
+(service, metric, cluster, node and the point's ``Attributes``) over one minute or one
+hour: ``Count``, ``Sum``, ``Min``, ``Max`` and the earliest ``StartTime``, all
+``SimpleAggregateFunction`` columns, so a query reads them with plain ``sum``,
+``min`` and ``max`` whether or not the parts have merged yet. ``Cluster`` and ``Node``
+(from ``ResourceAttributes``) and ``Gpu`` (``Attributes['gpu.index']``) have their own
+columns, so fleet panels need not decode a map per row.
+
+This module holds plain data only: :mod:`stethoscope.exporters.schema` turns
+:data:`ROLLUPS` into tables with the store's engine, database and TTL, and
+``schema_migrations`` version 7 creates them (with a backfill) in existing stores.
+
+A materialized view only sees rows inserted after it exists. Migration 7 therefore
+rebuilds each rollup from what is already stored (:func:`rebuild_statements`: drop the
+view, empty the rollup, copy every row of the table the view reads, create the view
+again). The same
+statements rebuild a rollup by hand; :func:`backfill_statement` copies a chosen time
+range only.
+
+Panels choose between the raw table and a rollup inside one query (:func:`pick`): a
+``UNION ALL`` of branches, each guarded by a condition on the dashboard range or the
+panel interval that folds to a constant, so ClickHouse reads only the chosen table.
+
+Examples:
+    >>> [r.name for r in ROLLUPS]
+    ['otel_metrics_gauge_1m', 'otel_metrics_gauge_1h', 'otel_metrics_sum_1m', 'otel_metrics_sum_1h']
+    >>> print(GAUGE.at(60)["avg"], "|", GAUGE.at(0)["avg"])
+    sum(Sum) / sum(Count) | avg(Value)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "GAUGE",
+    "LONG_RANGE_S",
+    "ROLLUPS",
+    "SUM",
+    "TIERS",
+    "Dialect",
+    "Rollup",
+    "backfill_statement",
+    "pick",
+    "rebuild_statements",
+    "tier_condition",
+    "view_statement",
+]
+
+# ``any`` over a map of LowCardinality keys returns plain String keys, so the rollup stores those.
+_MAP = "Map(String, String)"
+
+#: Whole-range panels (stats, tables) read the rollups when the range is longer than this (seconds).
+LONG_RANGE_S = 6 * 3600
+
+_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("Time", "DateTime", "CODEC(Delta, ZSTD(1))"),
+    ("ServiceName", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+    ("MetricName", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+    ("Cluster", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+    ("Node", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+    ("Gpu", "LowCardinality(String)", "CODEC(ZSTD(1))"),
+    ("AttributesHash", "UInt64", "CODEC(ZSTD(1))"),
+    ("Attributes", f"SimpleAggregateFunction(any, {_MAP})", "CODEC(ZSTD(1))"),
+    ("StartTime", "SimpleAggregateFunction(min, DateTime64(9))", "CODEC(ZSTD(1))"),
+    ("Count", "SimpleAggregateFunction(sum, UInt64)", "CODEC(ZSTD(1))"),
+    ("Sum", "SimpleAggregateFunction(sum, Float64)", "CODEC(ZSTD(1))"),
+    ("Min", "SimpleAggregateFunction(min, Float64)", "CODEC(ZSTD(1))"),
+    ("Max", "SimpleAggregateFunction(max, Float64)", "CODEC(ZSTD(1))"),
+)
+
+# Rows of one series and one time bucket merge into one: every key column is in ORDER BY.
+_ORDER_BY = "(MetricName, Time, Cluster, Node, Gpu, ServiceName, AttributesHash)"
+
+
+@dataclass(frozen=True)
+class Rollup:
+    """One rollup table: its name, the raw table it summarises, and its time grain in seconds.
+
+    ``feeder`` names a finer rollup of the same raw table that the view reads instead of
+    the raw rows (the hourly rollups are fed by the minute ones: far fewer rows to
+    aggregate on every insert).
+    """
+
+    name: str
+    source: str
+    grain_s: int
+    feeder: str = ""
+    columns: tuple[tuple[str, str, str], ...] = _COLUMNS
+    order_by: str = _ORDER_BY
+    partition_by: str = "toDate(Time)"
+    ttl_column: str = "Time"
+
+    @property
+    def view(self) -> str:
+        """Name of the materialized view that fills the table."""
+        return f"{self.name}_mv"
+
+    @property
+    def reads(self) -> str:
+        """The table the view reads: the feeder rollup, or else the raw table."""
+        return self.feeder or self.source
+
+    def select(self, source: str, where: str = "") -> str:
+        """The aggregation from ``source`` (the qualified :attr:`reads` table), optionally filtered.
+
+        >>> "INTERVAL 60 second" in ROLLUPS[0].select("db.t")
+        True
+        """
+        if self.feeder:
+            # Re-aggregate a finer rollup; the inner query renames what the outer one aggregates.
+            inner = ("SELECT Time AS T, ServiceName, MetricName, Cluster, Node, Gpu, AttributesHash, Attributes AS A,"
+                     " StartTime AS S, Count AS C, Sum AS Su, Min AS Mi, Max AS Ma"
+                     f" FROM {source}{f' WHERE {where}' if where else ''}")
+            return (
+                f"SELECT toStartOfInterval(T, INTERVAL {self.grain_s} second) AS Time,"
+                " ServiceName, MetricName, Cluster, Node, Gpu, AttributesHash, any(A) AS Attributes,"
+                " min(S) AS StartTime, sum(C) AS Count, sum(Su) AS Sum, min(Mi) AS Min, max(Ma) AS Max"
+                f" FROM ({inner})"
+                " GROUP BY Time, ServiceName, MetricName, Cluster, Node, Gpu, AttributesHash"
+            )
+        # The inner query renames Attributes, which the outer one both hashes and aggregates.
+        inner = ("SELECT TimeUnix, StartTimeUnix, ServiceName, MetricName, ResourceAttributes, Attributes AS Attrs,"
+                 f" Value FROM {source}{f' WHERE {where}' if where else ''}")
+        return (
+            f"SELECT toStartOfInterval(toDateTime(TimeUnix), INTERVAL {self.grain_s} second) AS Time,"
+            " ServiceName, MetricName,"
+            " ResourceAttributes['k8s.cluster.name'] AS Cluster, ResourceAttributes['host.name'] AS Node,"
+            " Attrs['gpu.index'] AS Gpu,"
+            " cityHash64(Attrs) AS AttributesHash, any(Attrs) AS Attributes,"
+            " min(StartTimeUnix) AS StartTime, count() AS Count, sum(Value) AS Sum,"
+            " min(Value) AS Min, max(Value) AS Max"
+            f" FROM ({inner})"
+            " GROUP BY Time, ServiceName, MetricName, Cluster, Node, Gpu, AttributesHash"
+        )
+
+
+#: Every rollup, in creation order.
+ROLLUPS: tuple[Rollup, ...] = (
+    Rollup("otel_metrics_gauge_1m", "otel_metrics_gauge", 60),
+    Rollup("otel_metrics_gauge_1h", "otel_metrics_gauge", 3600, feeder="otel_metrics_gauge_1m"),
+    Rollup("otel_metrics_sum_1m", "otel_metrics_sum", 60),
+    Rollup("otel_metrics_sum_1h", "otel_metrics_sum", 3600, feeder="otel_metrics_sum_1m"),
+)
+
+
+def _q(name: str) -> str:
+    # The same quoting as exporters.schema.quote_ident (imported from there it would be circular).
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def view_statement(r: Rollup, db: str, on_cluster: str = "") -> str:
+    """``CREATE MATERIALIZED VIEW IF NOT EXISTS`` feeding ``r`` from its raw table.
+
+    ``db`` is the quoted database (or the ``{db}`` placeholder of a migration).
+
+    >>> view_statement(ROLLUPS[0], "`s`").split(" AS SELECT")[0]
+    'CREATE MATERIALIZED VIEW IF NOT EXISTS `s`.`otel_metrics_gauge_1m_mv` TO `s`.`otel_metrics_gauge_1m`'
+    """
+    return (f"CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{_q(r.view)}{on_cluster} TO {db}.{_q(r.name)} AS "
+            + r.select(f"{db}.{_q(r.reads)}"))
+
+
+def backfill_statement(r: Rollup, db: str, where: str = "") -> str:
+    """``INSERT INTO <rollup> SELECT ...`` from the table its view reads, optionally only rows matching ``where``.
+
+    ``where`` is a condition on ``TimeUnix`` for a rollup of raw rows, on ``Time`` for
+    one fed by a finer rollup (:attr:`Rollup.reads`). ``db`` is the quoted database or
+    the ``{db}`` placeholder. Rows the view has already summarised must be left out,
+    or they count twice.
+
+    >>> backfill_statement(ROLLUPS[0], "`s`", "TimeUnix < now()").startswith("INSERT INTO `s`.`otel_metrics_gauge_1m` SELECT")
+    True
+    """
+    return f"INSERT INTO {db}.{_q(r.name)} " + r.select(f"{db}.{_q(r.reads)}", where)
+
+
+def rebuild_statements(r: Rollup, db: str, on_cluster: str = "") -> list[str]:
+    """Rebuild ``r`` from everything in its raw table, then let the view keep it current.
+
+    Drops the view, empties the table, copies every row of the table the view reads,
+    and creates the view again. Exact when nothing is inserted meanwhile (``stethoscope
+    up`` runs this before it takes data); rows inserted during the copy may be missed.
+    Rebuild a feeder rollup before the rollups it feeds (:data:`ROLLUPS` order).
+
+    >>> [s.split(" ")[0] for s in rebuild_statements(ROLLUPS[0], "`s`")]
+    ['DROP', 'TRUNCATE', 'INSERT', 'CREATE']
+    """
+    return [
+        f"DROP VIEW IF EXISTS {db}.{_q(r.view)}{on_cluster}",
+        f"TRUNCATE TABLE IF EXISTS {db}.{_q(r.name)}{on_cluster}",
+        backfill_statement(r, db),
+        view_statement(r, db, on_cluster),
+    ]
+
+
+# ---------------------------------------------------------------- panel SQL over raw or rollup
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """The SQL fragments a panel uses, for the raw table (``grain_s = 0``) or one rollup.
+
+    :meth:`at` gives a mapping for ``str.format``: ``table``, ``time`` (the time column),
+    ``where`` (the time filter), ``node``, ``cluster``, ``gpu``, ``avg``, ``sum``, ``min``,
+    ``max``, ``count``, ``start`` (earliest ``StartTimeUnix``), ``value`` and ``maxv``
+    (the columns to use inside ``sumIf``/``uniqExactIf`` and similar).
+    """
+
+    raw_table: str
+
+    def at(self, grain_s: int, *, whole: bool = False) -> Mapping[str, str]:
+        """The fragments for tier ``grain_s``; ``whole`` (whole-range panels, ``grain_s = 60``)
+        reads whole hours from the hourly rollup and the minutes at either end from the
+        minute rollup, which gives the minute rollup's answer from far fewer rows."""
+        if grain_s == 0:
+            return {
+                "table": self.raw_table, "time": "TimeUnix", "where": "$__timeFilter(TimeUnix)",
+                "node": "ResourceAttributes['host.name']", "cluster": "ResourceAttributes['k8s.cluster.name']",
+                "gpu": "Attributes['gpu.index']",
+                "avg": "avg(Value)", "sum": "sum(Value)", "min": "min(Value)", "max": "max(Value)",
+                "count": "count()", "start": "min(StartTimeUnix)", "value": "Value", "maxv": "Value",
+                "countv": "1",
+            }
+        table = next(r.name for r in ROLLUPS if r.source == self.raw_table and r.grain_s == grain_s)
+        if whole:
+            hourly = next(r.name for r in ROLLUPS if r.source == self.raw_table and r.grain_s == 3600)
+            first = "toStartOfInterval($__fromTime, INTERVAL 60 second)"
+            h1 = f"toStartOfInterval({first} + INTERVAL 3599 second, INTERVAL 3600 second)"  # first whole hour
+            h2 = "toStartOfInterval($__toTime, INTERVAL 3600 second)"  # end of the last whole hour
+            table = (f"(SELECT * FROM {hourly} WHERE Time >= {h1} AND Time < {h2}"
+                     f" UNION ALL SELECT * FROM {table} WHERE Time >= {first} AND Time <= $__toTime"
+                     f" AND (Time < {h1} OR Time >= {h2}))")
+        return {
+            "table": table, "time": "Time",
+            # Whole buckets that overlap the range: the edges are rounded outwards.
+            "where": f"Time >= toStartOfInterval($__fromTime, INTERVAL {grain_s} second) AND Time <= $__toTime",
+            "node": "Node", "cluster": "Cluster", "gpu": "Gpu",
+            "avg": "sum(Sum) / sum(Count)", "sum": "sum(Sum)", "min": "min(Min)", "max": "max(Max)",
+            "count": "sum(Count)", "start": "min(StartTime)", "value": "Sum", "maxv": "Max", "countv": "Count",
+        }
+
+
+GAUGE = Dialect("otel_metrics_gauge")
+SUM = Dialect("otel_metrics_sum")
+
+#: Tiers a panel can read, by grain in seconds (0 = raw rows).
+TIERS = (0, 60, 3600)
+
+
+def tier_condition(grain_s: int, bucketed: bool) -> str:
+    """When a panel reads tier ``grain_s``: a condition on the macros that folds to a constant.
+
+    Time-bucketed panels (``bucketed``) read the hourly rollup when ``$__interval_s`` is
+    a whole number of hours, the minute rollup when it is a whole number of minutes, and
+    raw rows otherwise, whatever the range: each bucket is then a whole number of rollup
+    buckets. Whole-range panels (stats, tables) read the rollups (whole hours plus the
+    minutes at the ends) when the range is longer than :data:`LONG_RANGE_S`, raw rows
+    otherwise; the rollups round the range out to whole minutes.
+
+    >>> tier_condition(60, False)
+    "dateDiff('second', $__fromTime, $__toTime) > 21600"
+    """
+    long = f"dateDiff('second', $__fromTime, $__toTime) > {LONG_RANGE_S}"
+    if not bucketed:
+        return {0: f"NOT ({long})", 60: long}.get(grain_s, "0")
+    hourly, minutely = "$__interval_s % 3600 = 0", "$__interval_s % 60 = 0"
+    return {
+        0: f"NOT ({minutely})",
+        60: f"{minutely} AND NOT ({hourly})",
+        3600: hourly,
+    }[grain_s]
+
+
+def pick(template: str, dialect: Dialect, *, bucketed: bool, order_by: str = "", force: int | None = None,
+         extra: Mapping[str, str] | None = None) -> str:
+    """One panel query over every tier: ``template`` is formatted with :meth:`Dialect.at`
+    for each tier (plus ``extra``) and guarded by :func:`tier_condition`.
+
+    ``{use}`` in the template should be in the innermost ``WHERE`` so the unchosen
+    branches read nothing; the branch is also filtered outside, so a whole-range
+    aggregate over no rows does not add a row. ``force`` (a grain from :data:`TIERS`)
+    makes that tier the only one, for benchmarks and tests; whole-range panels have one
+    rollup tier (hours and minutes together), read for ``force=60`` or ``3600``. ``order_by`` is applied to the union.
+
+    >>> sql = pick("SELECT {max} AS m FROM {table} WHERE {use} AND {where}", GAUGE, bucketed=False, force=0)
+    >>> "FROM otel_metrics_gauge WHERE 1 AND $__timeFilter(TimeUnix)" in sql, "otel_metrics_gauge_1h" in sql
+    (True, True)
+    >>> [line for line in sql.splitlines() if line.startswith(") WHERE")]
+    [') WHERE 1', ') WHERE 0']
+    """
+    tiers = TIERS if bucketed else (0, 60)
+    if force is not None and force not in TIERS:
+        raise ValueError(f"force must be one of {TIERS}, got {force!r}")
+    if force is not None and force not in tiers:
+        force = 60  # a whole-range panel has no hourly tier
+    branches = []
+    for grain in tiers:
+        use = tier_condition(grain, bucketed) if force is None else ("1" if grain == force else "0")
+        body = template.format(use=use, **dialect.at(grain, whole=not bucketed), **(extra or {})).strip()
+        branches.append(f"SELECT * FROM (\n{body}\n) WHERE {use}")
+    union = "\nUNION ALL\n".join(branches)
+    return f"SELECT * FROM (\n{union}\n)" + (f"\nORDER BY {order_by}" if order_by else "")
