@@ -151,6 +151,8 @@ static int hist_load(PyObject *state, int64_t d, Py_buffer *view, Hist *h)
     memcpy(&h->zt, &hdr[3], sizeof h->zt);
     if (!(h->zt >= 0.0) || !isfinite(h->zt))
         goto corrupt;
+    if (d < 0) /* any number of columns: the state's */
+        d = (int64_t)hdr[1];
     if ((int64_t)hdr[1] != d) {
         PyErr_Format(PyExc_ValueError, "values have %lld columns but the state has %lld",
                      (long long)d, (long long)hdr[1]);
@@ -192,33 +194,40 @@ static inline int64_t win_slot(const Win *w, int64_t i, int64_t m)
     return slot >= m ? slot - m : slot;
 }
 
+/* Working copy of column c's scale and windows (checked: a hand-edited state must not crash us). */
+static int col_init(Hist *h, int64_t c, Col *col)
+{
+    int s = h->scale[c];
+    if (s < MIN_SCALE || s > MAX_SCALE) {
+        PyErr_Format(PyExc_ValueError, "the state's scale for column %lld is %d, outside [%d, %d]",
+                     (long long)c, s, MIN_SCALE, MAX_SCALE);
+        return -1;
+    }
+    col->s = s;
+    col->sf = s > 0 ? scale_factor[s] : 0.0;
+    /* an offset is EMPTY or a bucket some double maps to at this scale */
+    int64_t first = s > 0 ? -1022 * ((int64_t)1 << s) - 1 : floor_shift(-1023, -s);
+    int64_t last = s > 0 ? 1024 * ((int64_t)1 << s) - 1 : floor_shift(1023, -s);
+    for (int r = 0; r < 2; r++) {
+        int64_t lo = h->offset[r][c];
+        if (lo != EMPTY_OFFSET && (lo < first || lo > last)) {
+            PyErr_Format(PyExc_ValueError,
+                         "the state is corrupt: offset %lld of column %lld is no bucket at scale %d",
+                         (long long)lo, (long long)c, s);
+            return -1;
+        }
+        col->w[r].lo = lo;
+        col->w[r].base = lo == EMPTY_OFFSET ? 0 : lo - floor_mod(lo, h->m);
+    }
+    return 0;
+}
+
 /* Per-call working copy of each column's scale and windows. */
 static int cols_init(Hist *h, Col *cols)
 {
-    for (int64_t c = 0; c < h->d; c++) {
-        int s = h->scale[c];
-        if (s < MIN_SCALE || s > MAX_SCALE) {
-            PyErr_Format(PyExc_ValueError, "the state's scale for column %lld is %d, outside [%d, %d]",
-                         (long long)c, s, MIN_SCALE, MAX_SCALE);
+    for (int64_t c = 0; c < h->d; c++)
+        if (col_init(h, c, &cols[c]) < 0)
             return -1;
-        }
-        cols[c].s = s;
-        cols[c].sf = s > 0 ? scale_factor[s] : 0.0;
-        /* an offset is EMPTY or a bucket some double maps to at this scale */
-        int64_t first = s > 0 ? -1022 * ((int64_t)1 << s) - 1 : floor_shift(-1023, -s);
-        int64_t last = s > 0 ? 1024 * ((int64_t)1 << s) - 1 : floor_shift(1023, -s);
-        for (int r = 0; r < 2; r++) {
-            int64_t lo = h->offset[r][c];
-            if (lo != EMPTY_OFFSET && (lo < first || lo > last)) {
-                PyErr_Format(PyExc_ValueError,
-                             "the state is corrupt: offset %lld of column %lld is no bucket at scale %d",
-                             (long long)lo, (long long)c, s);
-                return -1;
-            }
-            cols[c].w[r].lo = lo;
-            cols[c].w[r].base = lo == EMPTY_OFFSET ? 0 : lo - floor_mod(lo, h->m);
-        }
-    }
     return 0;
 }
 
@@ -957,6 +966,388 @@ static PyObject *py_adjusted_count(PyObject *mod, PyObject *arg)
 }
 
 /* ------------------------------------------------------------------------ */
+/* One prediction: ModelMonitor.record's hot path in one call               */
+
+/* Words of a row accumulator (a uint64 block made by sketch.py RowStats; the
+ * twin documents each field). f = float64 bits. */
+#define ROW_MAGIC UINT64_C(0x5354485230574131) /* "STHR0WA1" */
+enum {
+    RW_MAGIC, RW_NB, RW_MIN_U /* f */, RW_BOOST1 /* f */, RW_RNG, RW_EVENTS, RW_KEPT, RW_EXPECTED /* f */,
+    RW_LAT_N, RW_LAT_SUM /* f */, RW_LAT_MIN /* f */, RW_LAT_MAX /* f */, RW_SIG_N, RW_SIG_MEAN /* f */,
+    RW_SIG_M2 /* f */, RW_REQUESTS, RW_HEADER /* bounds (f) then counts follow */
+};
+#define ROW_MAX_BOUNDS 4096
+
+/* Codes of record_row (the twin has the same constants). */
+#define ROW_SLOW (-1)          /* features not a list, tuple or float buffer: convert and call again */
+#define ROW_WRONG_TYPE (-2)    /* a feature value is no number, or prediction is neither number nor str */
+#define ROW_WRONG_SHAPE (-3)   /* features are not d values in one dimension */
+#define ROW_KEPT 1
+#define ROW_BOOSTED 2
+#define ROW_BAD_PREDICTION 4
+#define ROW_BAD_CONFIDENCE 8
+#define ROW_BAD_LATENCY 16
+#define ROW_LABEL 32
+#define ROW_NONFINITE_UNIT 64  /* times the number of non-finite feature values */
+
+static inline double acc_f(const uint64_t *a, int k)
+{
+    double x;
+    memcpy(&x, &a[k], sizeof x);
+    return x;
+}
+
+static inline void acc_set_f(uint64_t *a, int k, double x)
+{
+    memcpy(&a[k], &x, sizeof x);
+}
+
+/* A number as a double: 1 on success, 0 when x is no number (never an error set).
+ * Exact int and float first; then anything with __float__/__index__ except text. */
+static inline int number_of(PyObject *x, double *out)
+{
+    if (PyFloat_CheckExact(x)) {
+        *out = PyFloat_AS_DOUBLE(x);
+        return 1;
+    }
+    if (PyUnicode_Check(x) || PyBytes_Check(x) || PyByteArray_Check(x))
+        return 0;
+    PyNumberMethods *nb = Py_TYPE(x)->tp_as_number;
+    if (!PyFloat_Check(x) && !PyLong_Check(x) && (nb == NULL || (nb->nb_float == NULL && nb->nb_index == NULL)))
+        return 0;
+    double v = PyFloat_AsDouble(x);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+/* splitmix64 (Steele, Lea, Flood 2014), top 56 bits: randomness of rows without a request id. */
+static inline uint64_t next_randomness(uint64_t *state)
+{
+    uint64_t z = (*state += UINT64_C(0x9E3779B97F4A7C15));
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return (z ^ (z >> 31)) >> 8;
+}
+
+static inline uint64_t threshold_of(double p)
+{
+    if (!(p >= 0x1p-56))
+        p = 0x1p-56;
+    else if (p > 1.0)
+        p = 1.0;
+    return MAX_THRESHOLD - (uint64_t)nearbyint(ldexp(p, 56));
+}
+
+/* The general path of record_one: zero, an empty range or a window move. */
+static NOINLINE int record_general(Hist *h, int64_t c, double v, uint64_t *tmp)
+{
+    Col col;
+    if (col_init(h, c, &col) < 0)
+        return -1;
+    return record(h, &col, c, v, tmp);
+}
+
+/* One finite value into column c: the common case inline, the rest in record_general. */
+static inline ALWAYS_INLINE int record_one(Hist *h, int64_t c, double v, uint64_t *tmp)
+{
+    int s = h->scale[c];
+    double a = fabs(v);
+    if (a > h->zt && s >= MIN_SCALE && s <= MAX_SCALE) {
+        int r = v < 0.0;
+        int64_t idx = map_index(a, s, s > 0 ? scale_factor[s] : 0.0);
+        int64_t lo = h->offset[r][c];
+        if (lo != EMPTY_OFFSET && (uint64_t)(idx - lo) < (uint64_t)h->m) {
+            h->count[c]++;
+            h->sum[c] += v;
+            if (v < h->mn[c])
+                h->mn[c] = v;
+            if (v > h->mx[c])
+                h->mx[c] = v;
+            h->counts[r][c * h->m + floor_mod(idx, h->m)]++;
+            return 0;
+        }
+    }
+    return record_general(h, c, v, tmp); /* also reports a scale out of range (cols_init) */
+}
+
+static NOINLINE int ingest_row_f64(Hist *h, const double *row, Py_ssize_t stride, uint64_t *tmp, int *nonfinite)
+{
+    int bad = 0; /* a local: a store through *nonfinite could alias the state's int32 arrays */
+    for (int64_t c = 0; c < h->d; c++) {
+        double v;
+        memcpy(&v, (const char *)row + c * stride, sizeof v);
+        if (!isfinite(v))
+            bad++;
+        else if (record_one(h, c, v, tmp) < 0)
+            return -1;
+    }
+    *nonfinite += bad;
+    return 0;
+}
+
+static NOINLINE int ingest_row_f32(Hist *h, const char *row, Py_ssize_t stride, uint64_t *tmp, int *nonfinite)
+{
+    int bad = 0;
+    for (int64_t c = 0; c < h->d; c++) {
+        float f;
+        memcpy(&f, row + c * stride, sizeof f);
+        double v = (double)f;
+        if (!isfinite(v))
+            bad++;
+        else if (record_one(h, c, v, tmp) < 0)
+            return -1;
+    }
+    *nonfinite += bad;
+    return 0;
+}
+
+PyDoc_STRVAR(record_row_doc,
+"record_row(features, state, prediction, confidence, latency, request_id, outputs, stats, p, t, u=None, /)\n--\n\n"
+"One prediction into the monitor's sketches and counters; returns an int code.\n"
+"C twin of stethoscope.native.sketch.record_row, whose docstring states the rules.");
+
+static PyObject *py_record_row(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)mod;
+    if (nargs != 10 && nargs != 11) {
+        PyErr_Format(PyExc_TypeError, "record_row() takes 10 or 11 positional arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *features = args[0], *state = args[1], *prediction = args[2], *confidence = args[3];
+    PyObject *latency = args[4], *request_id = args[5], *outputs = args[6], *stats = args[7];
+    PyObject *u_arg = nargs == 11 ? args[10] : Py_None;
+    double p = PyFloat_AsDouble(args[8]);
+    if (p == -1.0 && PyErr_Occurred())
+        return NULL;
+    uint64_t t = PyLong_AsUnsignedLongLong(args[9]);
+    if (t == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    if (t >= MAX_THRESHOLD) {
+        PyErr_SetString(PyExc_ValueError, "t must be a threshold in [0, 2**56)");
+        return NULL;
+    }
+
+    /* 1. features: a list/tuple of numbers or a 1-D float64/float32 buffer */
+    double stack_row[STACK_COLS];
+    double *row = stack_row;
+    Py_buffer fb;
+    int have_fb = 0, itemsize = 8, code = 0, nonfinite = 0;
+    Py_ssize_t d, stride = sizeof(double);
+    const char *base;
+    stack_row[0] = 0.0;
+    if (PyList_CheckExact(features) || PyTuple_CheckExact(features)) {
+        d = PySequence_Fast_GET_SIZE(features);
+        PyObject **items = PySequence_Fast_ITEMS(features);
+        if (d > STACK_COLS && (row = PyMem_Malloc((size_t)d * sizeof *row)) == NULL)
+            return PyErr_NoMemory();
+        for (Py_ssize_t c = 0; c < d; c++) {
+            if (!number_of(items[c], &row[c])) {
+                code = ROW_WRONG_TYPE;
+                break;
+            }
+        }
+        base = (const char *)row;
+    } else if (PyObject_CheckBuffer(features) &&
+               PyObject_GetBuffer(features, &fb, PyBUF_STRIDES | PyBUF_FORMAT) == 0) {
+        have_fb = 1;
+        itemsize = float_kind(fb.format);
+        if (itemsize == 0 || itemsize != fb.itemsize) {
+            code = ROW_SLOW;
+        } else if (fb.ndim != 1) {
+            code = ROW_WRONG_SHAPE;
+        }
+        d = fb.ndim == 1 ? fb.shape[0] : 0;
+        stride = fb.ndim == 1 ? fb.strides[0] : 0;
+        base = (const char *)fb.buf;
+    } else {
+        PyErr_Clear();
+        return PyLong_FromLong(ROW_SLOW);
+    }
+
+    /* 2. prediction: a number, or a str (a class label) */
+    double pnum = NAN, conf = NAN, u = NAN, lat = NAN;
+    if (code == 0) {
+        if (PyUnicode_Check(prediction))
+            code |= ROW_LABEL;
+        else if (!number_of(prediction, &pnum))
+            code = ROW_WRONG_TYPE;
+        else if (!isfinite(pnum)) {
+            code |= ROW_BAD_PREDICTION;
+            pnum = NAN;
+        }
+    }
+
+    Py_buffer sb, ob, ab;
+    Hist h, ho;
+    int loaded = 0;
+    PyObject *result = NULL;
+    if (code < 0)
+        goto done_code;
+    if (hist_load(state, -1, &sb, &h) < 0)
+        goto done;
+    loaded = 1;
+    if (h.d != (int64_t)d) { /* a row of another length than the state's columns */
+        code = ROW_WRONG_SHAPE;
+        goto done_code;
+    }
+    if (hist_load(outputs, 2, &ob, &ho) < 0)
+        goto done;
+    loaded = 2;
+    if (PyObject_GetBuffer(stats, &ab, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        goto done;
+    loaded = 3;
+    uint64_t *acc = (uint64_t *)ab.buf;
+    uint64_t nb = 0;
+    if (ab.len >= RW_HEADER * 8 && ((uintptr_t)acc & 7) == 0) {
+        memcpy(&nb, &acc[RW_NB], sizeof nb);
+    }
+    if (ab.len < RW_HEADER * 8 || ((uintptr_t)acc & 7) != 0 || acc[RW_MAGIC] != ROW_MAGIC || nb > ROW_MAX_BOUNDS ||
+        (uint64_t)ab.len != (RW_HEADER + 2 * nb + 1) * 8) {
+        PyErr_SetString(PyExc_ValueError, "stats must be a RowStats block");
+        goto done;
+    }
+
+    /* 3. confidence (None or a number in [0, 1]) and latency (None or a number >= 0) */
+    if (confidence != Py_None) {
+        if (number_of(confidence, &conf) && conf >= 0.0 && conf <= 1.0) {
+            u = 1.0 - conf;
+        } else {
+            conf = NAN;
+            code |= ROW_BAD_CONFIDENCE;
+        }
+    }
+    if (u_arg != Py_None) {
+        double uu;
+        if (number_of(u_arg, &uu) && uu >= 0.0 && uu <= 1.0)
+            u = uu;
+    }
+    if (latency != Py_None) {
+        if (!(number_of(latency, &lat) && lat >= 0.0 && lat < INFINITY)) {
+            lat = NAN;
+            code |= ROW_BAD_LATENCY;
+        }
+    }
+
+    /* 4. randomness: the request id's, or the accumulator's generator */
+    uint64_t r;
+    if (request_id == Py_None) {
+        r = next_randomness(&acc[RW_RNG]);
+    } else {
+        PyObject *text;
+        if (PyUnicode_Check(request_id)) {
+            text = request_id;
+            Py_INCREF(text);
+        } else {
+            text = PyObject_Str(request_id);
+        }
+        if (text == NULL)
+            goto done;
+        Py_ssize_t n;
+        const char *utf8 = PyUnicode_AsUTF8AndSize(text, &n);
+        if (utf8 == NULL) { /* lone surrogates: encode as Python's surrogatepass does */
+            PyErr_Clear();
+            PyObject *bytes = PyUnicode_AsEncodedString(text, "utf-8", "surrogatepass");
+            if (bytes == NULL) {
+                Py_DECREF(text);
+                goto done;
+            }
+            r = id_randomness((const uint8_t *)PyBytes_AS_STRING(bytes), (size_t)PyBytes_GET_SIZE(bytes));
+            Py_DECREF(bytes);
+        } else {
+            r = id_randomness((const uint8_t *)utf8, (size_t)n);
+        }
+        Py_DECREF(text);
+    }
+
+    /* 5. the sketches: features, then prediction and confidence */
+    uint64_t tmp[STACK_TMP];
+    uint64_t *tmpp = tmp;
+    if ((h.m > STACK_TMP || ho.m > STACK_TMP) &&
+        (tmpp = PyMem_Malloc((size_t)(h.m > ho.m ? h.m : ho.m) * sizeof *tmpp)) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int rc = itemsize == 8 ? ingest_row_f64(&h, (const double *)base, stride, tmpp, &nonfinite)
+                           : ingest_row_f32(&h, base, stride, tmpp, &nonfinite);
+    if (rc == 0 && isfinite(pnum))
+        rc = record_one(&ho, 0, pnum, tmpp);
+    if (rc == 0 && isfinite(conf))
+        rc = record_one(&ho, 1, conf, tmpp);
+    if (tmpp != tmp)
+        PyMem_Free(tmpp);
+    if (rc < 0)
+        goto done;
+
+    /* 6. latency histogram (explicit bounds, upper-inclusive like numpy.searchsorted side=left) */
+    if (isfinite(lat)) {
+        const uint64_t *bw = acc + RW_HEADER;
+        uint64_t k = 0;
+        while (k < nb) {
+            double b;
+            memcpy(&b, &bw[k], sizeof b);
+            if (!(b < lat))
+                break;
+            k++;
+        }
+        acc[RW_HEADER + nb + k]++;
+        acc[RW_LAT_N]++;
+        acc_set_f(acc, RW_LAT_SUM, acc_f(acc, RW_LAT_SUM) + lat);
+        if (lat < acc_f(acc, RW_LAT_MIN))
+            acc_set_f(acc, RW_LAT_MIN, lat);
+        if (lat > acc_f(acc, RW_LAT_MAX))
+            acc_set_f(acc, RW_LAT_MAX, lat);
+    }
+
+    /* 7. the signal the sampler's allocation weighs by variance (Welford) */
+    double sig = isfinite(pnum) ? pnum : conf;
+    if (isfinite(sig)) {
+        uint64_t n = ++acc[RW_SIG_N];
+        double mean = acc_f(acc, RW_SIG_MEAN);
+        double delta = sig - mean;
+        mean += delta / (double)n;
+        acc_set_f(acc, RW_SIG_MEAN, mean);
+        acc_set_f(acc, RW_SIG_M2, acc_f(acc, RW_SIG_M2) + delta * (sig - mean));
+    }
+
+    /* 8. the sampling decision: keep iff r >= T, T from p (boosted when uncertain) */
+    double p_eff = p;
+    uint64_t t_eff = t;
+    if (u >= acc_f(acc, RW_MIN_U)) {
+        p_eff = p * (1.0 + acc_f(acc, RW_BOOST1) * u);
+        if (p_eff > 1.0)
+            p_eff = 1.0;
+        t_eff = threshold_of(p_eff);
+        code |= ROW_BOOSTED;
+    }
+    acc[RW_REQUESTS]++;
+    acc[RW_EVENTS]++;
+    acc_set_f(acc, RW_EXPECTED, acc_f(acc, RW_EXPECTED) + p_eff);
+    if (r >= t_eff) {
+        acc[RW_KEPT]++;
+        code |= ROW_KEPT;
+    }
+    code += ROW_NONFINITE_UNIT * nonfinite;
+done_code:
+    result = PyLong_FromLong(code);
+done:
+    if (loaded >= 3)
+        PyBuffer_Release(&ab);
+    if (loaded >= 2)
+        PyBuffer_Release(&ob);
+    if (loaded >= 1)
+        PyBuffer_Release(&sb);
+    if (have_fb)
+        PyBuffer_Release(&fb);
+    if (row != stack_row)
+        PyMem_Free(row);
+    return result;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Module                                                                   */
 
 static PyMethodDef sketch_methods[] = {
@@ -964,6 +1355,7 @@ static PyMethodDef sketch_methods[] = {
      exphist_update_doc},
     {"exphist_update_row", (PyCFunction)(void (*)(void))py_exphist_update_row, METH_FASTCALL,
      exphist_update_row_doc},
+    {"record_row", (PyCFunction)(void (*)(void))py_record_row, METH_FASTCALL, record_row_doc},
     {"randomness_from_ids", py_randomness_from_ids, METH_O, randomness_from_ids_doc},
     {"sample_mask", (PyCFunction)(void (*)(void))py_sample_mask, METH_FASTCALL, sample_mask_doc},
     {"threshold_for", (PyCFunction)(void (*)(void))py_threshold_for, METH_VARARGS | METH_KEYWORDS,
@@ -998,7 +1390,17 @@ PyMODINIT_FUNC PyInit__sketch(void)
     if (PyModule_AddIntConstant(m, "MIN_SCALE", MIN_SCALE) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SCALE", MAX_SCALE) < 0 ||
         PyModule_AddIntConstant(m, "MAX_MAX_SIZE", MAX_MAX_SIZE) < 0 ||
-        PyModule_AddIntConstant(m, "EMPTY_OFFSET", EMPTY_OFFSET) < 0)
+        PyModule_AddIntConstant(m, "EMPTY_OFFSET", EMPTY_OFFSET) < 0 ||
+        PyModule_AddIntConstant(m, "ROW_SLOW", ROW_SLOW) < 0 ||
+        PyModule_AddIntConstant(m, "ROW_WRONG_TYPE", ROW_WRONG_TYPE) < 0 ||
+        PyModule_AddIntConstant(m, "ROW_WRONG_SHAPE", ROW_WRONG_SHAPE) < 0 ||
+        PyModule_AddIntConstant(m, "ROW_KEPT", ROW_KEPT) < 0 ||
+        PyModule_AddIntConstant(m, "ROW_BOOSTED", ROW_BOOSTED) < 0 ||
+        PyModule_AddIntConstant(m, "ROW_BAD_PREDICTION", ROW_BAD_PREDICTION) < 0 ||
+        PyModule_AddIntConstant(m, "ROW_BAD_CONFIDENCE", ROW_BAD_CONFIDENCE) < 0 ||
+        PyModule_AddIntConstant(m, "ROW_BAD_LATENCY", ROW_BAD_LATENCY) < 0 ||
+        PyModule_AddIntConstant(m, "ROW_LABEL", ROW_LABEL) < 0 ||
+        PyModule_AddIntConstant(m, "ROW_NONFINITE_UNIT", ROW_NONFINITE_UNIT) < 0)
         goto fail;
     PyObject *mt = PyLong_FromUnsignedLongLong(MAX_THRESHOLD);
     if (mt == NULL || PyModule_AddObject(m, "MAX_THRESHOLD", mt) < 0) {
@@ -1009,7 +1411,7 @@ PyMODINIT_FUNC PyInit__sketch(void)
     PyObject *twin = PyImport_ImportModule("stethoscope.native.sketch");
     if (twin == NULL)
         goto fail;
-    static const char *const shared[] = {"ExpHistogramState", "ExpHistogramPoint"};
+    static const char *const shared[] = {"ExpHistogramState", "ExpHistogramPoint", "RowStats", "RowTotals"};
     for (size_t i = 0; i < sizeof shared / sizeof *shared; i++) {
         PyObject *obj = PyObject_GetAttrString(twin, shared[i]);
         if (obj == NULL || PyModule_AddObject(m, shared[i], obj) < 0) {

@@ -706,3 +706,195 @@ def test_block_layout_is_what_the_c_module_expects():
     assert struct.unpack("<d", header[24:])[0] == 0.25
     fields, nbytes = twin._layout(2, 3)
     assert nbytes == s._block.nbytes == 32 + 8 * (5 * 2 + 2 * 2 * 3) + 12 * 2
+
+
+# --------------------------------------------------------------------------
+# record_row: one prediction in one call (ModelMonitor.record's hot path)
+
+
+class _Num:
+    """Not a float, but float() takes it (as NumPy scalars and Decimal are taken)."""
+
+    def __float__(self) -> float:
+        return 2.5
+
+
+def _edge_rows(rng: np.random.Generator, d: int, n: int) -> list[tuple]:
+    """Rows of every shape and type record() may meet, with edge values, as record_row arguments."""
+    values = [0.0, -0.0, -1.5, 5e-324, -2.5e-320, MIN_NORMAL, MAX_DOUBLE, -MAX_DOUBLE, 1e-300, np.nan, np.inf,
+              -np.inf, 3.0, 1024.0, np.nextafter(1024.0, 0.0), True, 7, -3, 10**400, np.float32(2.5),
+              np.float64(-4.0), np.int64(9), _Num()]
+    bad_items = ["x", None, b"1", [1.0], {"a": 1}, 1j]
+    rows = []
+    for i in range(n):
+        f: object = [values[j] for j in rng.integers(0, len(values), d)]
+        kind = i % 10
+        if kind == 1:
+            f = nasty_values(rng, d, 30.0)
+        elif kind == 2:
+            with np.errstate(over="ignore"):
+                f = nasty_values(rng, d, 30.0).astype(np.float32)
+        elif kind == 3:
+            f = tuple(f)  # type: ignore[arg-type]
+        elif kind == 4:
+            f = nasty_values(rng, 2 * d, 30.0)[::2]  # strided
+        elif kind == 5:
+            f = list(f)[: rng.integers(0, d)] if i % 20 == 5 else list(f) + [1.0]  # wrong length
+        elif kind == 6 and i % 3 == 0:
+            f = list(f)  # type: ignore[arg-type]
+            f[rng.integers(0, d)] = bad_items[i % len(bad_items)]
+        elif kind == 7:
+            f = [np.ones((d, 1)), np.arange(d), np.ones(d, dtype=">f8"), np.ones(()), (x for x in range(d)),
+                 "abc", None][i % 7]
+        pred = [0.3, "cat", np.nan, object(), -2.0, np.float32(1e9), np.inf, True, [1], _Num()][i % 10]
+        conf = [None, 0.2, 0.95, 1.5, np.nan, "x", -0.1, 1, np.float32(0.5)][i % 9]
+        lat = [None, 0.5, 3.0, 10.0, 11.0, -1.0, np.inf, np.nan, 7, "slow"][i % 10]
+        rid = [None, f"req-{i}", "4bf92f3577b34da6a3ce929d0e0e4736", i, "\udc80", "é" * 200][i % 6]
+        p = [1.0, 0.3, 0.01, 2.0**-56][i % 4]
+        u = [None, None, 0.9, 0.1, 2.0][i % 5]
+        rows.append((f, pred, conf, lat, rid, p, twin._threshold_of(p), u))
+    return rows
+
+
+def _run_rows(mod, rows, d, max_size=160, bounds=(1.0, 5.0, 10.0)):
+    st, outs = ExpHistogramState(d, max_size=max_size), ExpHistogramState(2, max_size=max_size)
+    stats = twin.RowStats(bounds, min_uncertainty=0.5, boost1=3.0, seed=42)
+    codes = []
+    for f, pred, conf, lat, rid, p, t, u in rows:
+        codes.append(mod.record_row(f, st, pred, conf, lat, rid, outs, stats.block, p, t, u))
+    return codes, st, outs, stats
+
+
+@pytest.mark.parametrize("max_size", [2, 5, 160])
+def test_record_row_twins_agree_on_edge_rows(max_size):
+    rows = _edge_rows(np.random.default_rng(max_size), 6, 600)
+    codes_c, st_c, outs_c, stats_c = _run_rows(_native(), rows, 6, max_size)
+    rows = _edge_rows(np.random.default_rng(max_size), 6, 600)  # fresh generators for the twin
+    codes_p, st_p, outs_p, stats_p = _run_rows(twin, rows, 6, max_size)
+    assert codes_c == codes_p
+    assert_same_state(st_c, st_p)
+    assert_same_state(outs_c, outs_p)
+    assert stats_c.block.tobytes() == stats_p.block.tobytes()
+    # every outcome was exercised
+    kinds = set(codes_c)
+    for code in (twin.ROW_SLOW, twin.ROW_WRONG_TYPE, twin.ROW_WRONG_SHAPE):
+        assert code in kinds
+    seen = 0
+    for code in kinds:
+        if code >= 0:
+            seen |= code
+    for bit in (twin.ROW_KEPT, twin.ROW_BOOSTED, twin.ROW_BAD_PREDICTION, twin.ROW_BAD_CONFIDENCE,
+                twin.ROW_BAD_LATENCY, twin.ROW_LABEL, twin.ROW_NONFINITE_UNIT):
+        assert seen & bit, bit
+    check_invariants(st_c)
+
+
+def test_record_row_keeps_the_batched_kernels_histograms(impl):
+    """Row by row through record_row == the whole batch through exphist_update (finite values)."""
+    rng = np.random.default_rng(5)
+    x = nasty_values(rng, (300, 8), 25.0)
+    for max_size in (3, 160):
+        st, outs, stats = ExpHistogramState(8, max_size), ExpHistogramState(2, max_size), twin.RowStats()
+        dropped = 0
+        for row in x:
+            code = impl.record_row(row, st, 0.5, None, None, None, outs, stats.block, 1.0, 0)
+            assert code >= 0
+            dropped += code // impl.ROW_NONFINITE_UNIT
+        want = ExpHistogramState(8, max_size)
+        assert impl.exphist_update(x, want) == dropped
+        assert_same_state(st, want)
+        check_invariants(st)
+
+
+def test_record_row_refusals_touch_nothing(impl):
+    st, outs, stats = ExpHistogramState(3), ExpHistogramState(2), twin.RowStats([1.0])
+    before = (st._block.copy(), outs._block.copy(), stats.block.copy())
+    cases = [
+        (np.arange(3), 0.5, impl.ROW_SLOW),  # int array: the caller converts it
+        ((x for x in (1.0, 2.0, 3.0)), 0.5, impl.ROW_SLOW),
+        ("abc", 0.5, impl.ROW_SLOW),
+        ([1.0, "2", 3.0], 0.5, impl.ROW_WRONG_TYPE),
+        ([1.0, None, 3.0], 0.5, impl.ROW_WRONG_TYPE),
+        ([1.0, 2.0, 3.0], object(), impl.ROW_WRONG_TYPE),
+        ([1.0, 2.0, 3.0], b"cat", impl.ROW_WRONG_TYPE),
+        ([1.0, 2.0], 0.5, impl.ROW_WRONG_SHAPE),
+        (np.ones(4), 0.5, impl.ROW_WRONG_SHAPE),
+        (np.ones((3, 1)), 0.5, impl.ROW_WRONG_SHAPE),
+        (np.ones((1, 3)), 0.5, impl.ROW_WRONG_SHAPE),
+    ]
+    for features, pred, want in cases:
+        assert impl.record_row(features, st, pred, 0.5, 1.0, "r", outs, stats.block, 1.0, 0) == want, features
+    assert (st._block.tobytes(), outs._block.tobytes(), stats.block.tobytes()) == tuple(b.tobytes() for b in before)
+
+
+def test_record_row_counts_outputs_latency_and_signal(impl):
+    st, outs, stats = ExpHistogramState(2), ExpHistogramState(2), twin.RowStats([1.0, 10.0], seed=3)
+    rr = impl.record_row
+    assert rr([1.0, np.nan], st, 0.25, 0.5, 1.0, None, outs, stats.block, 1.0, 0) == 1 + 64
+    assert rr([1.0, 2.0], st, "cat", 0.75, 10.5, None, outs, stats.block, 1.0, 0) == 1 + impl.ROW_LABEL
+    assert rr([1.0, 2.0], st, np.inf, 2.0, -1.0, None, outs, stats.block, 1.0, 0) == (
+        1 + impl.ROW_BAD_PREDICTION + impl.ROW_BAD_CONFIDENCE + impl.ROW_BAD_LATENCY)
+    assert rr((3, True), st, 0.75, None, 0.0, None, outs, stats.block, 1.0, 0) == 1
+    assert st.count.tolist() == [4, 3] and st.sum.tolist() == [6.0, 5.0]
+    # outputs: column 0 the finite predictions, column 1 the valid confidences
+    assert outs.count.tolist() == [2, 2] and outs.sum.tolist() == [1.0, 1.25]
+    t = stats.take()
+    assert (t.requests, t.events, t.kept, t.expected) == (4, 4, 4, 4.0)
+    # upper-inclusive explicit buckets: 1.0 -> (-inf, 1], 10.5 -> (10, inf), 0.0 -> (-inf, 1]
+    assert (t.lat_n, t.lat_sum, t.lat_min, t.lat_max, t.lat_counts.tolist()) == (3, 11.5, 0.0, 10.5, [2, 0, 1])
+    # signal: predictions 0.25, 0.75 and the confidence 0.75 of the labelled row
+    vals = np.array([0.25, 0.75, 0.75])
+    assert t.sig_n == 3 and t.sig_mean == pytest.approx(vals.mean())
+    assert t.sig_m2 == pytest.approx(((vals - vals.mean()) ** 2).sum())
+    assert stats.take().requests == 0  # take restarts the counters
+
+
+def test_record_row_samples_by_request_id_and_boosts_the_uncertain(impl):
+    from stethoscope.native import sampling
+
+    ids = [f"request-{i}" for i in range(2000)]
+    r = sampling.randomness_from_ids(ids)
+    p = 0.1
+    t = twin._threshold_of(p)
+    st, outs = ExpHistogramState(1), ExpHistogramState(2)
+    stats = twin.RowStats(min_uncertainty=0.8, boost1=4.0)
+    kept = []
+    for rid, conf in zip(ids, np.linspace(0.0, 1.0, len(ids))):
+        code = impl.record_row([1.0], st, 0.5, float(conf), None, rid, outs, stats.block, p, t)
+        u = 1.0 - float(conf)
+        boosted = u >= 0.8
+        assert bool(code & impl.ROW_BOOSTED) == boosted
+        t_eff = twin._threshold_of(min(1.0, p * (1.0 + 4.0 * u))) if boosted else t
+        assert bool(code & impl.ROW_KEPT) == (int(r[len(kept)]) >= t_eff)
+        kept.append(bool(code & impl.ROW_KEPT))
+    # the same ids give the same decisions on every call (consistent sampling)
+    again = [bool(impl.record_row([1.0], st, 0.5, 0.5, None, rid, outs, stats.block, p, t) & 1) for rid in ids[:200]]
+    assert again == [int(x) >= t for x in r[:200]]
+    # non-str ids are sampled by their str()
+    code = impl.record_row([1.0], st, 0.5, None, None, 12345, outs, stats.block, 0.5, twin._threshold_of(0.5))
+    assert bool(code & 1) == (int(sampling.randomness_from_ids(["12345"])[0]) >= twin._threshold_of(0.5))
+
+
+def test_record_row_without_ids_draws_the_same_generator():
+    """Rows without a request id: both kernels draw the same splitmix64 sequence from the stats block."""
+    out = []
+    for mod in (_native(), twin):
+        st, outs, stats = ExpHistogramState(1), ExpHistogramState(2), twin.RowStats(seed=123)
+        t = twin._threshold_of(0.5)
+        out.append([mod.record_row([1.0], st, 0.5, None, None, None, outs, stats.block, 0.5, t) for _ in range(500)])
+    assert out[0] == out[1]
+    assert 200 < sum(out[0]) < 300  # about half kept
+
+
+def test_record_row_argument_errors(impl):
+    st, outs, stats = ExpHistogramState(2), ExpHistogramState(2), twin.RowStats()
+    with pytest.raises(TypeError, match="ExpHistogramState"):
+        impl.record_row([1.0, 2.0], object(), 0.5, None, None, None, outs, stats.block, 1.0, 0)
+    with pytest.raises(ValueError, match="columns"):
+        impl.record_row([1.0, 2.0], st, 0.5, None, None, None, ExpHistogramState(3), stats.block, 1.0, 0)
+    with pytest.raises(ValueError, match="RowStats"):
+        impl.record_row([1.0, 2.0], st, 0.5, None, None, None, outs, np.zeros(20, np.uint64), 1.0, 0)
+    with pytest.raises(ValueError, match="threshold"):
+        impl.record_row([1.0, 2.0], st, 0.5, None, None, None, outs, stats.block, 1.0, 2**56)
+    with pytest.raises(ConfigError):
+        twin.RowStats([2.0, 1.0], min_uncertainty=-1)

@@ -50,6 +50,13 @@ BAD_CALLS = [
     ((np.array([1, 2, None], dtype=object), 1.0), {}, "wrong_type"),
     (([1.0, 2.0], 1.0), {}, "wrong_shape"),
     ((np.ones((3, 1)), 1.0), {}, "wrong_shape"),
+    ((np.float64(1.0), 1.0), {}, "wrong_shape"),
+    ((np.array(2.0), 1.0), {}, "wrong_shape"),
+    ((np.arange(4), 1.0), {}, "wrong_shape"),
+    (((1.0, 2.0, 3.0, 4.0), 1.0), {}, "wrong_shape"),
+    (([1.0, None, 3.0], 1.0), {}, "wrong_type"),
+    (([1.0, "2", 3.0], 1.0), {}, "wrong_type"),
+    ((iter([1.0, 2.0, 3.0]), 1.0), {}, "wrong_type"),
     (([1.0, 2.0, 3.0], object()), {}, "wrong_type"),
     (([1.0, 2.0, 3.0], [1, 2]), {}, "wrong_type"),
 ]
@@ -276,3 +283,122 @@ def test_the_kernels_in_use_follow_the_parametrisation(kernel_implementation):
     twin = kernel_implementation == "python"
     assert (sketch_kernels().module == "stethoscope.native.sketch") is twin
     assert (sampling_kernel().__name__ == "stethoscope.native.sampling") is twin
+
+
+def test_single_rows_and_batches_give_the_same_exports(kernel_implementation):
+    """record() row by row (lists, arrays, tuples) exports what record_batch() does for the same data."""
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(300, 3)) * [1.0, 1e4, 1e-4]
+    X[::17, 1] = np.nan
+    preds, conf, lat = rng.random(300), rng.random(300), rng.random(300) * 300
+    single, batch = _monitor(latency_bounds_ms=[1, 10, 100]), _monitor(latency_bounds_ms=[1, 10, 100])
+    try:
+        for i, row in enumerate(X):
+            features = [row.tolist(), row, tuple(row.tolist()), np.repeat(row, 2)[::2]][i % 4]  # the last one strided
+            assert single.record(features, float(preds[i]), confidence=float(conf[i]), latency_ms=float(lat[i]))
+        assert batch.record_batch(X, preds, confidences=conf, latencies_ms=lat) == 300
+        assert dict(single.dropped) == dict(batch.dropped) == {"nonfinite_feature": 18}
+        assert single.flush() and batch.flush()
+
+        def exported(m):
+            ex = m.metric_exporter
+            feats = {p.attributes["stethoscope.feature.name"]: (
+                p.count, p.scale, p.zero_count, p.positive.offset, list(p.positive.bucket_counts),
+                p.negative.offset, list(p.negative.bucket_counts), p.min, p.max)
+                for p in ex.points("stethoscope.model.feature")}
+            outs = [(p.count, p.scale, list(p.positive.bucket_counts), p.min, p.max)
+                    for name in ("prediction", "confidence") for p in ex.points(f"stethoscope.model.{name}")]
+            (latency,) = ex.points("stethoscope.model.latency")
+            requests = sum(p.value for p in ex.points("stethoscope.model.requests"))
+            return feats, outs, (latency.count, list(latency.bucket_counts), latency.min, latency.max), requests
+
+        assert exported(single) == exported(batch)
+        assert exported(single)[3] == 300
+        assert single.sampler.stream("default").m_n == 300  # the sampler saw every prediction's signal
+    finally:
+        single.close()
+        batch.close()
+
+
+def test_single_rows_are_sampled_consistently_by_request_id(kernel_implementation):
+    from stethoscope.agents.sdk.consistent import randomness, threshold_for
+
+    logs = InMemoryLogRecordExporter()
+    m = _monitor(logs=logs, sampling=SamplingConfig(fixed_probability=0.25, remote=False))
+    try:
+        ids = [f"user-{i}" for i in range(400)]
+        for i, rid in enumerate(ids):
+            assert m.record(np.array([float(i), 1.0, 2.0]), 0.5, request_id=rid, stream="eu")
+        assert m.flush()
+        t = threshold_for(0.25)
+        want = {rid for rid in ids if randomness(rid) >= t}
+        rows = [dict(r.log_record.attributes) for r in logs.get_finished_logs()]
+        assert {a["stethoscope.request_id"] for a in rows} == want
+        assert all(a["stethoscope.adjusted_count"] == 4.0 and a["stethoscope.stream"] == "eu" for a in rows)
+        st = m.sampler.stream("eu")
+        assert (st.events, st.kept, st.expected) == (400, len(want), pytest.approx(100.0))
+        sampled = {p.attributes["stethoscope.stream"]: p.value
+                   for p in m.metric_exporter.points("stethoscope.model.sampled")}
+        assert sampled == {"eu": len(want)}
+    finally:
+        m.close()
+
+
+def test_uncertain_single_rows_are_boosted_with_honest_weights(kernel_implementation):
+    from stethoscope.agents.sdk import UncertaintyConfig
+
+    logs = InMemoryLogRecordExporter()
+    unc = UncertaintyConfig(min_uncertainty=0.5, boost=8.0)
+    m = _monitor(logs=logs, sampling=SamplingConfig(fixed_probability=0.05, remote=False, uncertainty=unc))
+    try:
+        for i in range(2000):
+            m.record([1.0, 2.0, 3.0], 1.0, confidence=0.1 if i % 2 else 0.9, request_id=f"r{i}")
+        assert m.flush()
+        rows = [dict(r.log_record.attributes) for r in logs.get_finished_logs()]
+        flagged = [a for a in rows if a.get("stethoscope.uncertainty")]
+        plain = [a for a in rows if not a.get("stethoscope.uncertainty")]
+        assert all(a["stethoscope.confidence"] == 0.1 for a in flagged)
+        assert all(a["stethoscope.confidence"] == 0.9 for a in plain)
+        # boosted p = 0.05 * (1 + 7 * 0.9) = 0.365: weights are 1/p_eff, so the estimates stay unbiased
+        assert [a["stethoscope.adjusted_count"] for a in flagged] == pytest.approx([1 / 0.365] * len(flagged))
+        assert [a["stethoscope.adjusted_count"] for a in plain] == pytest.approx([20.0] * len(plain))
+        assert 250 < len(flagged) < 480 and len(plain) < 90
+        assert len(m.labeling_queue) + m.labeling_queue.evicted == len(flagged)  # queued for labeling
+    finally:
+        m.close()
+
+
+def test_exports_during_single_row_records_lose_nothing(kernel_implementation):
+    """Windows swapped while threads record: every row lands in exactly one exported window."""
+    m = _monitor()
+    stop = threading.Event()
+
+    def exporter():
+        while not stop.wait(0.002):
+            m.flush()
+
+    def work(k):
+        for i in range(1000):
+            m.record([float(i), float(k), 1.0] if i % 2 else np.array([float(i), float(k), 1.0]), 0.5,
+                     latency_ms=1.0, request_id=f"{k}-{i}")
+
+    flusher = threading.Thread(target=exporter)
+    flusher.start()
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    flusher.join()
+    try:
+        assert m.flush()
+        ex = m.metric_exporter
+        assert len(ex.points("stethoscope.model.requests")) > 1  # several windows were exported meanwhile
+        assert sum(p.count for p in ex.points("stethoscope.model.feature")) == 3 * 4000
+        assert sum(p.count for p in ex.points("stethoscope.model.prediction")) == 4000
+        assert sum(p.count for p in ex.points("stethoscope.model.latency")) == 4000
+        assert sum(p.value for p in ex.points("stethoscope.model.requests")) == 4000
+        assert m.sampler.stream("default").events == 4000
+    finally:
+        m.close()

@@ -1,10 +1,14 @@
 """``ModelMonitor``: feature and prediction distributions, latency, errors and sampled rows.
 
-The hot path (:meth:`ModelMonitor.record`, :meth:`ModelMonitor.record_batch`)
-validates its inputs, copies them into preallocated NumPy buffers under a
-short lock, and makes the sampling decision; it never raises and never does
-I/O. Buffers are folded into exponential-histogram sketches when full (a C
-kernel call) and the background thread exports every ``export_interval_s``.
+The hot path never raises and never does I/O. :meth:`ModelMonitor.record`
+is one call into the sketch kernel (``record_row``, C with a NumPy twin) under
+a short lock: it validates the row, updates every feature's exponential
+histogram, the prediction/confidence histograms, the latency histogram and
+the stream's counters, and makes the sampling decision; Python only acts on
+what it reports (drops, class labels, kept rows). :meth:`ModelMonitor.record_batch`
+does the same for ``n`` rows with the batched kernels. The background thread
+exports every ``export_interval_s`` (``buffer_rows`` is accepted but no longer
+used: nothing is buffered).
 Bad values are counted in :attr:`ModelMonitor.dropped` by reason:
 
 ``wrong_type``, ``wrong_shape``        the row was dropped
@@ -69,7 +73,7 @@ from stethoscope.errors import ConfigError
 
 from ..daemon import DEFAULT_ENDPOINT
 from ..resource import build_resource
-from .consistent import MAX_RANDOMNESS, adjusted_count, randomness, randomness_many, threshold_for, threshold_hex
+from .consistent import MAX_RANDOMNESS, adjusted_count, randomness_many, threshold_for, threshold_hex
 from .consistent import thresholds as thresholds_of
 from .drops import DropCounter
 from .export import Delivery
@@ -77,7 +81,19 @@ from .lifecycle import closer
 from .model_settings import DEFAULT_LATENCY_BOUNDS_MS, ModelMonitorSettings, finite_number
 from .remote import SamplingConfigPoller
 from .sampling import DEFAULT_STREAM, AdaptiveSampler, SamplingConfig
-from .sketch import SketchBank, sketch_kernels
+from .sketch import (
+    ROW_BAD_CONFIDENCE,
+    ROW_BAD_LATENCY,
+    ROW_BAD_PREDICTION,
+    ROW_BOOSTED,
+    ROW_KEPT,
+    ROW_LABEL,
+    ROW_NONFINITE_UNIT,
+    ROW_SLOW,
+    ROW_WRONG_SHAPE,
+    SketchBank,
+    sketch_kernels,
+)
 from .uncertainty import LabelCandidate, LabelingQueue, confidence_and_uncertainty, uncertainty_many
 from .window import Window, exp_metric, window_metrics, without_attribute
 
@@ -164,7 +180,6 @@ class ModelMonitor:
         self._lock = threading.Lock()
         self._cycle_lock = threading.Lock()
         self._drops = DropCounter(f"ModelMonitor({model!r})")
-        self._pending_drops: dict[str, int] = {}
         self._rng = random.Random(seed)
         self._np_rng = np.random.default_rng(seed)
         self.sampler = AdaptiveSampler(settings.sampling, model, lock=self._lock)
@@ -183,8 +198,15 @@ class ModelMonitor:
             self._base_attrs({"stethoscope.output": "prediction"}),
             self._base_attrs({"stethoscope.output": "confidence"}),
         ])
+        self._ostate = self._outputs.state
+        self._record_row = self._kernels.record_row
+        self._row_stats_type = self._kernels.row_stats
         self._default = self.sampler.stream(DEFAULT_STREAM)
         self._streams = {DEFAULT_STREAM: self._default}
+        # per stream name: (stream state, its RowStats block, the RowStats); record() counts into the block
+        # and _fold_locked() moves the counts into the window and the sampler
+        self._row_streams: dict[str, tuple[Any, np.ndarray, Any]] = {}
+        self._fstate: Any = None
         if names:
             self._setup(len(names), names)
 
@@ -218,17 +240,11 @@ class ModelMonitor:
 
     def _setup(self, d: int, names: Sequence[str] | None = None) -> None:
         self._names = tuple(names) if names else tuple(f"f{i}" for i in range(d))
-        b = self._cap = self.settings.buffer_rows
-        self._X = np.empty((b, d), dtype=np.float64)
-        self._pred = np.empty(b, dtype=np.float64)
-        self._conf = np.empty(b, dtype=np.float64)
-        self._lat = np.empty(b, dtype=np.float64)
-        self._sid = np.empty(b, dtype=np.int32)
-        self._fill = 0
         self._features = SketchBank(self._kernels, [
             self._base_attrs({"stethoscope.feature.name": n, "stethoscope.feature.index": i})
             for i, n in enumerate(self._names)
         ])
+        self._fstate = self._features.state
         self._d = d
 
     def start(self) -> None:
@@ -243,11 +259,7 @@ class ModelMonitor:
 
     @property
     def dropped(self) -> Mapping[str, int]:
-        """Values and calls dropped so far, by reason (folds the row buffer in first)."""
-        with self._lock:
-            if self._d is not None:
-                self._drain_locked()
-        self._settle_drops()
+        """Values and calls dropped so far, by reason."""
         return self._drops.snapshot()
 
     @property
@@ -262,13 +274,6 @@ class ModelMonitor:
         self._drops.add(reason, n, detail)
         return False
 
-    def _settle_drops(self) -> None:
-        if self._pending_drops:
-            with self._lock:
-                pending, self._pending_drops = self._pending_drops, {}
-            for reason, n in pending.items():
-                self._drops.add(reason, n)
-
     # -- the hot path ----------------------------------------------------------------------
 
     def record(self, features: Any, prediction: Any, confidence: Any = None, latency_ms: Any = None,
@@ -279,103 +284,129 @@ class ModelMonitor:
         a number or a class label (str); ``confidence`` a number in [0, 1] or a
         vector of class probabilities; ``attributes`` ride on the row if it is
         sampled (they are not metric attributes).
+
+        One call into the sketch kernel (``record_row``) validates the row,
+        updates every feature's histogram, the prediction/confidence
+        histograms, the latency histogram and the stream's counters, and makes
+        the sampling decision; Python only handles what that call reports
+        (drops, a class label, a kept row).
         """
         try:
-            if self._closed:
-                return self._drop("closed")
-            if type(features) is not np.ndarray:
-                if features is None:
-                    return self._drop("wrong_type", 1, "features: None")
-                try:
-                    features = np.asarray(features, dtype=np.float64)
-                except (TypeError, ValueError) as exc:
-                    return self._drop("wrong_type", 1, f"features: {exc}")
-            elif features.dtype.kind not in "fiub":
-                return self._drop("wrong_type", 1, f"features dtype {features.dtype}")
-            d = self._d
-            if features.ndim != 1 or features.shape[0] != d:
-                if d is None and features.ndim == 1 and features.shape[0] > 0:
-                    with self._lock:
-                        if self._d is None:
-                            self._setup(features.shape[0])
-                    return self.record(features, prediction, confidence, latency_ms, request_id,
-                                       stream=stream, **attributes)
-                return self._drop("wrong_shape", 1, f"features shape {features.shape}, want ({d},)")
-            tp = type(prediction)
-            label = None
-            if tp is float or tp is int:
-                pnum = prediction
-            elif tp is str:
-                pnum, label = _NAN, prediction
-            elif isinstance(prediction, (float, int, np.floating, np.integer)):
-                pnum = float(prediction)
-            else:
-                return self._drop("wrong_type", 1, f"prediction of type {tp.__name__}")
-            if label is None and not _NINF < pnum < _INF:
-                self._drop("nonfinite_prediction")
-                pnum = _NAN
-            u = _NAN
-            if confidence is None:
-                conf = _NAN
-            elif type(confidence) is float and 0.0 <= confidence <= 1.0:
-                conf, u = confidence, 1.0 - confidence
-            else:
-                try:
-                    conf, u = confidence_and_uncertainty(confidence)
-                except (TypeError, ValueError) as exc:
-                    self._drop("bad_confidence", 1, str(exc))
-                    conf = _NAN
-            if latency_ms is None:
-                lat = _NAN
-            elif (type(latency_ms) is float or type(latency_ms) is int) and 0 <= latency_ms < _INF:
-                lat = latency_ms
-            else:
-                lat = _NAN
-                self._drop("bad_latency", 1, repr(latency_ms)[:40])
-            if request_id is None:
-                rid = ""
-                r = self._rng.getrandbits(56)
-            else:
-                rid = request_id if type(request_id) is str else str(request_id)
-                r = randomness(rid)
-            with self._lock:
-                st = self._streams.get(stream)
-                if st is None:
-                    st = self._stream(stream)
-                w = self._window
-                i = self._fill
-                self._X[i] = features
-                self._pred[i] = pnum
-                self._conf[i] = conf
-                self._lat[i] = lat
-                self._sid[i] = st.index
-                self._fill = i + 1
-                w.requests += 1
-                if label is not None:
-                    self._count_name(w.classes, label)
-                p, t, adj, th = st.rule
-                boosted = u >= self._min_u
-                if boosted:
-                    p = min(1.0, p * (1.0 + self._boost1 * u))
-                    t = threshold_for(p)
-                st.events += 1
-                st.expected += p
-                kept = r >= t
-                if kept:
-                    st.kept += 1
-                    w.sampled[st.name] = w.sampled.get(st.name, 0) + 1
-                if i + 1 == self._cap:
-                    self._drain_locked()
-            if self._pending_drops:
-                self._settle_drops()
-            if kept:
-                if boosted:
-                    adj, th = adjusted_count(t), threshold_hex(t)
-                self._keep(time.time_ns(), st.name, rid, features.tolist(), label if label is not None else pnum,
-                           conf, u, adj, th, boosted, attributes)
-            return True
+            entry = self._row_streams.get(stream)
+            if entry is None:
+                entry = self._row_entry(stream, features)
+                if entry is None:
+                    return False
+            u = None
+            if confidence is not None and type(confidence) is not float:
+                confidence, u = self._confidence(confidence)
+            rule = entry[0].rule
+            lock = self._lock
+            lock.acquire()  # cheaper than ``with`` on the hot path; try/finally costs nothing when nothing raises
+            try:
+                code = self._record_row(features, self._fstate, prediction, confidence, latency_ms, request_id,
+                                        self._ostate, entry[1], rule[0], rule[1], u)
+            finally:
+                lock.release()
+            if code == 0:
+                return True
+            return self._after_row(code, entry, rule, features, prediction, confidence, u, latency_ms, request_id,
+                                   attributes)
         except Exception as exc:  # the hot path never raises
             return self._drop("internal_error", 1, f"{type(exc).__name__}: {exc}")
+
+    def _row_entry(self, stream: str, features: Any) -> tuple[Any, np.ndarray, Any] | None:
+        """The row counters of ``stream`` (first use of a name, or the first row ever); None if dropped."""
+        if self._closed:
+            return self._drop("closed") or None
+        if self._d is None:
+            arr = self._as_row(features)
+            if arr is None:
+                return None
+            if arr.ndim != 1 or arr.shape[0] == 0:
+                return self._drop("wrong_shape", 1, f"features shape {arr.shape}") or None
+            with self._lock:
+                if self._d is None:
+                    self._setup(arr.shape[0])
+        with self._lock:
+            st = self._streams.get(stream)
+            if st is None:
+                st = self._stream(stream)
+            entry = self._row_streams.get(st.name)
+            if entry is None:
+                stats = self._row_stats_type(self._bounds, self._min_u, self._boost1, seed=self._rng.getrandbits(64))
+                entry = self._row_streams[st.name] = (st, stats.block, stats)
+        return entry
+
+    def _as_row(self, features: Any) -> np.ndarray | None:
+        """``features`` as a float64 array, or None when they cannot be (counted as ``wrong_type``)."""
+        if features is None:
+            return self._drop("wrong_type", 1, "features: None") or None
+        if isinstance(features, np.ndarray) and features.dtype.kind not in "fiub":
+            return self._drop("wrong_type", 1, f"features dtype {features.dtype}") or None
+        try:
+            return np.asarray(features, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            return self._drop("wrong_type", 1, f"features: {exc}") or None
+
+    def _confidence(self, confidence: Any) -> tuple[float | None, float | None]:
+        """A confidence that is not a float: ``(confidence, uncertainty)``, or ``(None, None)`` (counted)."""
+        try:
+            return confidence_and_uncertainty(confidence)
+        except (TypeError, ValueError) as exc:
+            self._drop("bad_confidence", 1, str(exc))
+            return None, None
+
+    def _after_row(self, code: int, entry: tuple, rule: tuple, features: Any, prediction: Any, confidence: Any,
+                   u: Any, latency_ms: Any, request_id: Any, attributes: Mapping[str, Any]) -> bool:
+        """What ``record_row`` reported beyond "recorded, not kept": drops, a label, a kept row."""
+        if code < 0:
+            if code == ROW_SLOW:
+                arr = self._as_row(features)
+                if arr is None:
+                    return False
+                with self._lock:  # a float64 array now: never ROW_SLOW again
+                    code = self._record_row(arr, self._fstate, prediction, confidence, latency_ms, request_id,
+                                            self._ostate, entry[1], rule[0], rule[1], u)
+                return code == 0 or self._after_row(code, entry, rule, arr, prediction, confidence, u, latency_ms,
+                                                    request_id, attributes)
+            if code == ROW_WRONG_SHAPE:
+                shape = getattr(features, "shape", None)
+                if shape is None:
+                    shape = (len(features),) if isinstance(features, (list, tuple)) else "?"
+                return self._drop("wrong_shape", 1, f"features shape {shape}, want ({self._d},)")
+            return self._drop("wrong_type", 1, f"features ({type(features).__name__}) or prediction "
+                                               f"({type(prediction).__name__}) hold something that is no number")
+        label = prediction if code & ROW_LABEL else None
+        if label is not None:
+            with self._lock:
+                self._count_name(self._window.classes, label)
+        if code & ROW_BAD_PREDICTION:
+            self._drop("nonfinite_prediction")
+        if code & ROW_BAD_CONFIDENCE:
+            self._drop("bad_confidence", 1, repr(confidence)[:40])
+        if code & ROW_BAD_LATENCY:
+            self._drop("bad_latency", 1, repr(latency_ms)[:40])
+        nonfinite = code // ROW_NONFINITE_UNIT
+        if nonfinite:
+            self._drops.add("nonfinite_feature", nonfinite)
+        if code & ROW_KEPT:
+            p, t, adj, th = rule
+            conf = _NAN if confidence is None or code & ROW_BAD_CONFIDENCE else float(confidence)
+            if u is None:
+                u = 1.0 - conf
+            boosted = bool(code & ROW_BOOSTED)
+            if boosted:
+                t = threshold_for(min(1.0, p * (1.0 + self._boost1 * u)))
+                adj, th = adjusted_count(t), threshold_hex(t)
+            if label is None:
+                pred = _NAN if code & ROW_BAD_PREDICTION else float(prediction)
+            else:
+                pred = label
+            rid = "" if request_id is None else request_id if type(request_id) is str else str(request_id)
+            values = features.tolist() if isinstance(features, np.ndarray) else [float(x) for x in features]
+            self._keep(time.time_ns(), entry[0].name, rid, values, pred, conf, u, adj, th, boosted, attributes)
+        return True
 
     def record_batch(self, features_2d: Any, predictions: Any, confidences: Any = None, latencies_ms: Any = None,
                      request_ids: Any = None, *, stream: str = DEFAULT_STREAM, **attributes: Any) -> int:
@@ -554,30 +585,25 @@ class ModelMonitor:
         w.lat_min = min(w.lat_min, float(lat.min()))
         w.lat_max = max(w.lat_max, float(lat.max()))
 
-    def _drain_locked(self) -> None:
-        n = self._fill
-        if not n:
-            return
-        self._fill = 0
-        dropped = self._features.update(self._X[:n])
-        if dropped:
-            self._pending_drops["nonfinite_feature"] = self._pending_drops.get("nonfinite_feature", 0) + dropped
-        outs = np.empty((n, 2))
-        outs[:, 0] = self._pred[:n]
-        outs[:, 1] = self._conf[:n]
-        self._outputs.update(outs)
-        lat = self._lat[:n]
-        lat = lat[np.isfinite(lat)]
-        if lat.size:
-            self._add_latency(self._window, lat)
-        sid = self._sid[:n]
-        for st in self.sampler.streams():
-            mask = sid == st.index
-            if mask.any():
-                sig = self._pred[:n][mask]
-                if not np.isfinite(sig).any():
-                    sig = self._conf[:n][mask]
-                _observe(st, sig)
+    def _fold_locked(self) -> None:
+        """Move what single-row records counted (per stream) into the window and the sampler."""
+        w = self._window
+        for st, _, stats in self._row_streams.values():
+            t = stats.take()
+            if not t.requests:
+                continue
+            w.requests += t.requests
+            self.sampler.account(st, t.events, t.expected, t.kept)
+            if t.kept:
+                w.sampled[st.name] = w.sampled.get(st.name, 0) + t.kept
+            if t.lat_n:
+                w.lat_counts += t.lat_counts
+                w.lat_sum += t.lat_sum
+                w.lat_n += t.lat_n
+                w.lat_min = min(w.lat_min, t.lat_min)
+                w.lat_max = max(w.lat_max, t.lat_max)
+            if t.sig_n:
+                st.observe_signal(t.sig_n, t.sig_mean, t.sig_m2)
 
     def _keep(self, now: int, stream: str, rid: str, features: list, prediction: float | str, conf: float,
               u: float, adj: float, th: str, flagged: bool, attributes: Mapping[str, Any]) -> None:
@@ -631,6 +657,8 @@ class ModelMonitor:
                                     else cfg.sampling.poll_interval_s)
                         next_poll = now + interval
                     if now >= next_adjust:
+                        with self._lock:
+                            self._fold_locked()
                         self.sampler.adjust()
                         next_adjust = now + cfg.sampling.adjust_interval_s
                     if now >= next_export:
@@ -653,15 +681,16 @@ class ModelMonitor:
     def _export(self) -> bool:
         now = time.time_ns()
         with self._lock:
+            self._fold_locked()
             if self._d is not None:
-                self._drain_locked()
                 fstate = self._features.swap()
+                self._fstate = self._features.state
             else:
                 fstate = None
             ostate = self._outputs.swap()
+            self._ostate = self._outputs.state
             w, self._window = self._window, Window(len(self._bounds), now)
             probs = {st.name: st.rule[0] for st in self.sampler.streams()}
-        self._settle_drops()
         start = w.start_ns
         metrics: list[Metric] = []
         try:
@@ -712,6 +741,7 @@ class ModelMonitor:
             return
         self.flush(timeout_s)
         self._closed = True
+        self._row_streams = {}  # record() now takes its slow path, which sees the monitor closed
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.settings.timeout_s + 2.0)

@@ -23,7 +23,22 @@ from typing import Any
 from opentelemetry.sdk.metrics.export import Buckets, ExponentialHistogramDataPoint
 from opentelemetry.util.types import Attributes
 
-__all__ = ["SketchBank", "SketchKernels", "sketch_kernels", "MAX_SIZE", "MAX_SCALE"]
+from stethoscope.native.sketch import (
+    ROW_BAD_CONFIDENCE,
+    ROW_BAD_LATENCY,
+    ROW_BAD_PREDICTION,
+    ROW_BOOSTED,
+    ROW_KEPT,
+    ROW_LABEL,
+    ROW_NONFINITE_UNIT,
+    ROW_SLOW,
+    ROW_WRONG_SHAPE,
+    ROW_WRONG_TYPE,
+)
+
+__all__ = ["SketchBank", "SketchKernels", "sketch_kernels", "MAX_SIZE", "MAX_SCALE", "ROW_BAD_CONFIDENCE",
+           "ROW_BAD_LATENCY", "ROW_BAD_PREDICTION", "ROW_BOOSTED", "ROW_KEPT", "ROW_LABEL", "ROW_NONFINITE_UNIT",
+           "ROW_SLOW", "ROW_WRONG_SHAPE", "ROW_WRONG_TYPE"]
 
 MAX_SIZE = 160
 """Buckets per sign per column (the OpenTelemetry SDK default)."""
@@ -32,12 +47,19 @@ MAX_SCALE = 20
 
 @dataclass(frozen=True)
 class SketchKernels:
-    """The three entry points of the sketch kernel, from whichever implementation was chosen."""
+    """The entry points of the sketch kernel, from whichever implementation was chosen.
+
+    ``record_row`` is the single-row hot path of ``ModelMonitor.record``
+    (features, outputs, latency and the sampling decision in one call) and
+    ``row_stats`` the counter block type it writes (``RowStats``).
+    """
 
     state_type: Any
     update: Any
     update_row: Any
     module: str
+    record_row: Any = None
+    row_stats: Any = None
 
 
 def _module_for(kernel: str) -> ModuleType:
@@ -60,7 +82,7 @@ def sketch_kernels() -> SketchKernels:
         return found
 
     return SketchKernels(pick("ExpHistogramState"), pick("exphist_update"), pick("exphist_update_row"),
-                         chosen.__name__)
+                         chosen.__name__, pick("record_row"), pick("RowStats"))
 
 
 class SketchBank:
