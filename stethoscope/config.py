@@ -332,7 +332,8 @@ class AnomalyConfig:
     """The fleet, serving and cost anomaly watches inside ``up`` (docs/anomaly-detectors.md)."""
 
     enabled: bool = _setting(True, "Run the GPU fleet, serving and cost anomaly detectors and write findings.")
-    interval: str = _setting("10s", "How often the anomaly watches look at new telemetry.", _positive_duration)
+    interval: str = _setting("2s", "How often the anomaly watches look at new telemetry (each run reads only what "
+                             "arrived since the last).", _positive_duration)
     lookback: str = _setting("10m", "How far back the first run of each watch reads.", _positive_duration)
     gpu_prices: tuple[str, ...] = _setting(
         ("NVIDIA H100 80GB HBM3=3.0", "NVIDIA A100-SXM4-80GB=1.8", "default=2.0"),
