@@ -54,6 +54,7 @@ from .fleet import (
     PriceTable,
 )
 from .serving import Capacity, ErrorRate, LatencySla, LoadImbalance, QueueTime
+from .sql import literal as _lit
 
 __all__ = ["CostWatch", "FleetWatch", "ServingWatch", "watches_from_config"]
 
@@ -75,9 +76,6 @@ GPU_GAUGES = ("gpu.utilization", "gpu.sm.activity", "gpu.tensor.activity", "gpu.
 def _ts_ns(t_ns: int) -> str:
     return f"fromUnixTimestamp64Nano(toInt64({int(t_ns)}))"
 
-
-def _lit(s: str) -> str:
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _in(names: Iterable[str]) -> str:

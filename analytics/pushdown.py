@@ -47,20 +47,15 @@ import numpy as np
 
 from stethoscope.errors import ConfigError
 
+from .sql import literal as _lit
+from .sql import ts_ms as _ts
+
 __all__ = ["KS_METHODS", "SAMPLE_ORDER", "FeatureSummary", "PushDown", "PushKS", "WindowSpec"]
 
 #: ``computation_method`` values of ClickHouse's ``kolmogorovSmirnovTest``.
 KS_METHODS = ("exact", "asymp", "auto")
 #: Row order for capped reads: a deterministic pseudo-random permutation of a window.
 SAMPLE_ORDER = "cityHash64(RequestId, toUnixTimestamp64Nano(Timestamp))"
-
-
-def _lit(s: str) -> str:
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _ts(t: float) -> str:
-    return f"fromUnixTimestamp64Milli(toInt64({int(round(t * 1000))}))"
 
 
 @dataclass(frozen=True)

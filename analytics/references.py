@@ -101,6 +101,7 @@ from .calibration import adjust_pvalues
 from .categorical import chi2_table, hellinger, jensen_shannon, psi, total_variation
 from .detector import DriftResult
 from .findings import Finding, FindingsWriter, subject_of
+from .sql import literal as _lit
 from .univariate import ks_pvalues
 
 __all__ = [
@@ -534,9 +535,6 @@ class SketchDrift:
 
 # --- storage --------------------------------------------------------------------------------
 
-
-def _lit(s: str) -> str:
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 class ReferenceStore:

@@ -101,6 +101,8 @@ from .performance import (
 )
 from .pushdown import SAMPLE_ORDER, PushDown, WindowSpec
 from .references import ReferenceSketch, ReferenceStore, SketchDrift
+from .sql import literal as _lit
+from .sql import ts_ms as _ts
 
 __all__ = ["PERFORMANCE_METRICS", "REFERENCES", "DriftScheduler"]
 
@@ -112,13 +114,6 @@ REFERENCES = ("previous", "first")
 PERFORMANCE_METRICS = ("auto", *METRICS)
 
 
-def _lit(s: str) -> str:
-    """A ClickHouse string literal."""
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _ts(t: float) -> str:
-    return f"fromUnixTimestamp64Milli(toInt64({int(round(t * 1000))}))"
 
 
 @dataclass(frozen=True)

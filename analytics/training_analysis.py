@@ -34,6 +34,7 @@ from ..errors import ConfigError, DecodeError
 from .anomaly import ANOMALY_REGISTRY
 from .distributed import DISTRIBUTED_DETECTORS
 from .findings import Finding
+from .sql import literal as _lit
 from .training import TRAINING_DETECTORS
 
 __all__ = ["DEFAULT_DETECTORS", "JOB_EVENTS", "REQUIRED_COLUMNS", "StepTable", "TrainingAnalyzer", "TrainingWatch",
@@ -325,9 +326,6 @@ def read_step_table(path: str | Path) -> StepTable:
 
 # --- the store ------------------------------------------------------------------------
 
-
-def _lit(s: str) -> str:
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _ns(t_ns: int) -> str:
