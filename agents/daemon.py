@@ -44,10 +44,10 @@ from opentelemetry.sdk.resources import Resource
 from stethoscope.errors import ConfigError, PluginError
 
 from .collector import Collector
-from .delivery import DeliveryStats, Sender, SpoolingExporter
+from .delivery import DeliveryStats, Sender, SpoolingExporter, bearer_headers
 from .dryrun import DryRunExporter
 from .overhead import AgentVitals, Cadence, OverheadBudget, OverheadMeter, Verdict, register_self_metrics
-from .spool import Spool
+from .spool import Spool, SpoolError
 
 __all__ = ["Agent", "AgentSettings", "DEFAULT_ENDPOINT", "FastHint", "METRICS_PATH"]
 
@@ -167,8 +167,10 @@ class Agent:
     until :meth:`start` (or :meth:`run_forever`); :meth:`flush` and
     :meth:`export_once` work without it.
 
-    ``extra_readers`` are attached to the same meter provider (a Prometheus
-    exposition reader, say). ``overhead_meter`` replaces the psutil
+    ``token`` is sent as ``Authorization: Bearer`` and ``ca_file`` is the CA
+    bundle that verifies an ``https`` endpoint, on either export path; the
+    token is never logged. ``extra_readers`` are attached to the same meter
+    provider (a Prometheus exposition reader, say). ``overhead_meter`` replaces the psutil
     measurement of this process (tests inject a fake).
 
     Examples:
@@ -203,6 +205,8 @@ class Agent:
         extra_readers: Sequence[MetricReader] = (),
         dry_run: TextIO | None = None,
         overhead_meter: OverheadMeter | None = None,
+        token: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         settings = AgentSettings(
             endpoint=endpoint,
@@ -235,6 +239,10 @@ class Agent:
             problems.append(f"extra_readers: must be MetricReader instances, got {', '.join(odd)}")
         if dry_run is not None and not callable(getattr(dry_run, "write", None)):
             problems.append(f"dry_run: must be a text stream, got {type(dry_run).__name__}")
+        if token is not None and (not isinstance(token, str) or any(c in token for c in "\r\n")):
+            problems.append("token: must be a string without line breaks")
+        if ca_file and not os.path.isfile(ca_file):
+            problems.append(f"ca_file: no such file: {ca_file!r}")
         if problems:
             raise ConfigError(problems)
 
@@ -263,11 +271,15 @@ class Agent:
                 gzip_body=settings.gzip,
                 backoff_initial_s=min(0.5, settings.retry_max_s),
                 backoff_max_s=settings.retry_max_s,
+                token=token or None,
+                ca_file=ca_file or None,
             )
             exporter = SpoolingExporter(self.spool, on_append=self._sender.wake)
         else:
+            tls = {"certificate_file": ca_file} if ca_file else {}
             exporter = OTLPMetricExporter(
-                endpoint=settings.metrics_url, timeout=settings.timeout_s, headers=dict(settings.headers)
+                endpoint=settings.metrics_url, timeout=settings.timeout_s,
+                headers={**dict(settings.headers), **bearer_headers(token)}, **tls,
             )
         self._exporter = exporter
         self._reader = _ManualReader(exporter)
@@ -474,6 +486,18 @@ class Agent:
             self._provider.shutdown(timeout_millis=self.settings.timeout_s * 1000)
         except Exception as exc:
             _log.warning("agent shutdown: %s", exc)
+        if isinstance(self._exporter, SpoolingExporter) and self._sender is not None:
+            stats = self._sender.stats()
+            try:
+                left = self.spool.pending if self.spool is not None else 0
+            except SpoolError:
+                left = -1
+            _log.info(
+                "agent stopped: %d points spooled in %d records; %d records delivered; dropped %s; "
+                "%d records left in the spool",
+                self._exporter.exported_points, self._exporter.exported_records, stats.sent_records,
+                self.dropped_points() or "nothing", left,
+            )
         if self.spool is not None:
             self.spool.close()
         for collector in self.collectors:

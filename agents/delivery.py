@@ -142,8 +142,9 @@ class SpoolingExporter(MetricExporter):
     ``on_append`` is called after each successful append (the agent wakes its
     :class:`Sender` with it). A record the spool cannot take (disk full, I/O
     error) is dropped and counted in :attr:`dropped_points`; ``export`` then
-    returns ``FAILURE`` but never raises. The spool belongs to the caller:
-    ``shutdown`` does not close it.
+    returns ``FAILURE`` but never raises. :attr:`exported_records` and
+    :attr:`exported_points` count what was spooled. The spool belongs to the
+    caller: ``shutdown`` does not close it.
     """
 
     def __init__(
@@ -160,6 +161,7 @@ class SpoolingExporter(MetricExporter):
         self._lock = threading.Lock()
         self.dropped_points: dict[str, int] = {}
         self.exported_records = 0
+        self.exported_points = 0
         self._logged: set[str] = set()
 
     def _drop(self, reason: str, points: int, message: str) -> MetricExportResult:
@@ -185,6 +187,7 @@ class SpoolingExporter(MetricExporter):
         except SpoolError as exc:
             return self._drop("spool_error", points, str(exc))
         self.exported_records += 1
+        self.exported_points += points
         if self._on_append is not None:
             self._on_append()
         return MetricExportResult.SUCCESS

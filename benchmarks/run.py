@@ -20,6 +20,7 @@ BENCHMARKS = {
     "dashboards": "benchmarks.dashboards",
     "load": "benchmarks.load",
     "cardinality": "benchmarks.cardinality",
+    "faults": "benchmarks.faults",
 }
 
 

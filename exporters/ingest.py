@@ -12,11 +12,19 @@ oldest row has waited ``flush_interval_s``. Under load, rows that arrive while a
 batch is being inserted form the next one, so batches grow with the load without
 adding latency. When ``queue_max_rows`` are waiting, :meth:`Ingestor.submit`
 raises :class:`Saturated` and receivers answer 503 with ``Retry-After``.
+
+Before each insert into an embedded store (one with a local ``path``), the free
+space under it is checked: with less than ``min_free_bytes`` (or twice the
+batch) free, the batch fails with a :class:`StoreError` naming the directory,
+and receivers answer 503. chDB 4.4's streaming insert reports success when the
+disk is full and writes nothing (the error only reaches ``system.errors``), so
+without this check a full disk would lose acknowledged data.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -89,6 +97,7 @@ class Ingestor:
         attempts: int = 8,
         metrics: SelfMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        min_free_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.store = store
         self.columns = columns
@@ -98,6 +107,9 @@ class Ingestor:
         self.attempts = attempts
         self.metrics = metrics or SelfMetrics()
         self._clock = clock
+        self.min_free_bytes = min_free_bytes
+        path = getattr(store, "path", None)  # the embedded store's directory; a server store has none
+        self._data_dir = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
         self._cond = threading.Condition()
         self._pending: dict[str, list[_Part]] = {}
         self._pending_rows = 0
@@ -229,7 +241,22 @@ class Ingestor:
         for p in parts:
             p.ticket._part_done(p.rows, None)
 
+    def _check_space(self, need: int) -> None:
+        if self._data_dir is None:
+            return
+        try:
+            st = os.statvfs(self._data_dir)
+        except OSError:
+            return  # the insert itself will say what is wrong
+        free = st.f_bavail * st.f_frsize
+        if free < max(self.min_free_bytes, 2 * need):
+            raise StoreError(
+                f"disk full: {free} bytes free under {self._data_dir}, need at least "
+                f"{max(self.min_free_bytes, 2 * need)}; free space or move store.data_dir"
+            )
+
     def _insert_once(self, table: str, data: bytes, token: str) -> None:
+        self._check_space(len(data))
         attempt = 0
 
         def call() -> int:

@@ -32,6 +32,11 @@ import threading
 import time
 from urllib.parse import parse_qs, unquote
 
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+
 from stethoscope.errors import DecodeError, StoreError
 
 from .http_common import BaseHandler, BodyError, decompress
@@ -128,6 +133,53 @@ class _Throttle:
 
 _WARNINGS = _Throttle()
 
+
+class _SkewCheck:
+    """Samples accepted protobuf metrics requests, at most one every ``every_s``, for clock skew.
+
+    A request is parsed a second time only when sampled (parsing costs about as
+    much as decoding), so the cost stays bounded under load and the counter is
+    a lower bound. Per resource, the first data point's ``time_unix_nano`` is
+    compared with the collector's clock; beyond ``tolerance_s`` the resource's
+    points are counted as ``future`` or ``past``. The data is stored as sent.
+    """
+
+    def __init__(self, tolerance_s: float = 300.0, every_s: float = 1.0, clock=time.monotonic) -> None:
+        self.tolerance_ns, self.every_s, self._clock = int(tolerance_s * 1e9), every_s, clock
+        self._next = float("-inf")
+        self._lock = threading.Lock()
+
+    def __call__(self, body: bytes, metrics: SelfMetrics) -> None:
+        with self._lock:
+            now = self._clock()
+            if now < self._next:
+                return
+            self._next = now + self.every_s
+        try:
+            request = ExportMetricsServiceRequest.FromString(body)
+        except ProtobufDecodeError:  # already decoded and stored: a second opinion is not worth an error
+            return
+        wall = time.time_ns()
+        for rm in request.resource_metrics:
+            first, points = None, 0
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    kind = m.WhichOneof("data")
+                    pts = getattr(m, kind).data_points if kind else ()
+                    if first is None and pts:
+                        first = pts[0].time_unix_nano
+                    points += len(pts)
+            if first and abs(first - wall) > self.tolerance_ns:
+                direction = "future" if first > wall else "past"
+                metrics.clock_skew_points.labels(direction=direction).inc(points)
+                if _WARNINGS.due(f"skew:{direction}") is not None:
+                    service = next((kv.value.string_value for kv in rm.resource.attributes if kv.key == "service.name"), "")
+                    log.warning("points from %r are stamped %.0f s in the %s of this collector's clock; stored as sent",
+                                service, abs(first - wall) / 1e9, direction)
+
+
+_SKEW = _SkewCheck()
+
 # gRPC status codes used in google.rpc.Status
 _INVALID_ARGUMENT, _PERMISSION_DENIED, _RESOURCE_EXHAUSTED, _UNAVAILABLE, _UNAUTHENTICATED = 3, 7, 8, 14, 16
 _SAMPLING = "/v1/sampling"
@@ -208,6 +260,8 @@ class OtlpHandler(BaseHandler):
         if decoded is None:
             self.metrics.points_received.labels(signal=signal).inc(points)
             self.reply(200, b"{}" if as_json else b"", _JSON if as_json else _PROTOBUF)
+            if not as_json:  # after the answer: the client does not wait for it
+                _SKEW(body, self.metrics)
             return
         for kind, n in (("logs", decoded.logs), ("samples", decoded.samples), ("labels", decoded.labels)):
             if n:

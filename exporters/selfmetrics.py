@@ -59,6 +59,12 @@ class SelfMetrics:
         self.cardinality_series = Gauge(
             "stethoscope_cardinality_series", "Distinct attribute sets tracked in the current window.", registry=r
         )
+        self.clock_skew_points = Counter(
+            "stethoscope_points_clock_skew",
+            "Accepted data points stamped more than 5 minutes from the collector's clock (sampled, a lower bound).",
+            ["direction"],
+            registry=r,
+        )
         self.sql_queries = Counter(
             "stethoscope_sql_queries", "Queries run through the SQL endpoint, by outcome.", ["outcome"], registry=r
         )
