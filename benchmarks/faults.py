@@ -24,7 +24,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from stethoscope._net import free_port
 
 __all__ = [
     "AgentProcess",
@@ -60,20 +61,6 @@ QUIET_ENV = {
     "STETHOSCOPE_ANOMALY_ENABLED": "false",
     "STETHOSCOPE_ALERTS_ENABLED": "false",
 }
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port not handed out before in this process (two quick binds may get the same one)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 def poll(check, timeout_s: float, what: str, every_s: float = 0.1):

@@ -409,20 +409,10 @@ def _finding_counts(store: Any) -> int:
         return -1
 
 
-_PORTS_GIVEN: set[int] = set()
-
-
 def _free_port() -> int:
-    """A free loopback port not handed out before in this process (two quick binds may get the same one)."""
-    import socket
+    from ._net import free_port
 
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _PORTS_GIVEN:
-            _PORTS_GIVEN.add(port)
-            return port
+    return free_port()
 
 
 def _finish(sc: Scenario, sink: WebhookSink, rule_kinds: Mapping[str, tuple[str, ...]], started_at: dict[str, float],

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
+from stethoscope._net import free_port  # noqa: F401 - the tests import it from here
 from stethoscope.config import load_config
 from stethoscope.exporters.chdb_store import ChdbStore
 from stethoscope.exporters.service import Service
 
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback port free now and never returned before in this process.
-
-    The kernel may hand the same ephemeral port to two quick ``bind(0)`` calls once the
-    first socket is closed, so two ports asked for one service could collide.
-    """
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 @pytest.fixture
