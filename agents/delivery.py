@@ -303,6 +303,7 @@ class Sender:
         self._deadline: float | None = None  # set while shutting down: drain until then
         self._attempt = 0
         self._single_until = 0  # after a rejected batch, send one record at a time up to here
+        self._pinned = 0  # after a failed attempt, resend exactly the same records (same Idempotency-Key)
         self._failures_at_head = 0
         self._logged: set[str] = set()
         self._outage_logged = False
@@ -426,12 +427,19 @@ class Sender:
             return
         if batch[-1][0] > self._single_until:
             self._single_until = 0
+        if self._pinned:
+            if batch[0][0] <= self._pinned:
+                batch = [rec for rec in batch if rec[0] <= self._pinned]
+            self._pinned = 0
         self._deliver(batch)
 
     def _deliver(self, batch: list[tuple[int, bytes]]) -> None:
         body = b"".join(record for _, record in batch)
         wire = gzip.compress(body, compresslevel=5) if self._gzip else body
-        status, retry_after, detail = self._post(wire)
+        # The same records always go out under the same key, so a collector with an
+        # ingest journal stores them once however often they are sent.
+        key = f"{self.spool.identity}:{batch[0][0]}-{batch[-1][0]}"
+        status, retry_after, detail = self._post(wire, key)
         with self._stats_lock:
             self._requests += 1
         last_seq = batch[-1][0]
@@ -457,6 +465,7 @@ class Sender:
         if not retryable:
             self._reject(batch[0], status)
             return
+        self._pinned = last_seq
         if not self._outage_logged:
             _log.warning("cannot deliver to %s (%s); keeping data spooled and retrying", self.url, what)
             self._outage_logged = True
@@ -502,8 +511,9 @@ class Sender:
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    def _post(self, body: bytes) -> tuple[int | None, str | None, str]:
+    def _post(self, body: bytes, key: str = "") -> tuple[int | None, str | None, str]:
         """(status, Retry-After, detail); status None for a connection failure."""
+        headers = {**self._headers, "Idempotency-Key": key} if key else self._headers
         for fresh in (False, True):
             conn = self._conn
             reused = conn is not None and not fresh
@@ -515,7 +525,7 @@ class Sender:
                     conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
                 self._conn = conn
             try:
-                conn.request("POST", self._path, body=body, headers=self._headers)
+                conn.request("POST", self._path, body=body, headers=headers)
                 resp = conn.getresponse()
                 text = resp.read()
             except (OSError, http.client.HTTPException) as exc:

@@ -9,6 +9,7 @@ A spool directory holds::
     00000000000000000001.seg   sealed segment, records 1..k (append-only)
     0000000000000000000k+1.seg the active segment, the only one written
     cursor                     the highest acknowledged sequence number
+    id                         the spool's random identity (see ``Spool.identity``)
     lock                       flock()ed while a Spool has the directory open
 
 Each record is framed as ``crc32 u32 | length u32 | seq u64 | weight u32 |
@@ -208,6 +209,7 @@ class Spool:
                 continue
             self._segments.append(seg)
             last_seq = seg.last_seq
+        self.identity = self._read_identity()
         cursor = self._read_cursor()
         first = self._segments[0].first_seq if self._segments else last_seq + 1
         self._acked = cursor if cursor is not None else first - 1
@@ -385,6 +387,31 @@ class Spool:
         self._meta_dirty = True
 
     # -- reading ---------------------------------------------------------------------------
+
+    def _read_identity(self) -> str:
+        """This spool's random name, made once and kept in the file ``id``.
+
+        With a record's sequence number it names the record for good, so a
+        sender can give a collector the same idempotency key when it sends the
+        same records again (after a crash, a timeout, a restart of either side).
+        """
+        path = self.directory / "id"
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        if len(text) == 32 and all(c in "0123456789abcdef" for c in text):
+            return text
+        import uuid
+
+        text = uuid.uuid4().hex
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return text
 
     def peek(self, max_records: int = 1, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
         """The oldest unacknowledged records, oldest first, as ``(seq, record)``.

@@ -385,6 +385,8 @@ def _round(root: Path, down_s: float, retry_max: str | None) -> dict:
             "agent_dups": duplicate_rows(up, agent.service)[0],
             "sdk_points": s["points"], "sdk_lost": s["points"] - distinct_points(up, sdk.service),
             "sdk_dups": duplicate_rows(up, sdk.service)[0],
+            "redone": _redone_batches(up.log()),
+            "replays": int(up.metric("stethoscope_duplicate_requests_total")),
         }
     finally:
         for p in (agent, sdk):
@@ -392,6 +394,13 @@ def _round(root: Path, down_s: float, retry_max: str | None) -> dict:
                 p.proc.kill()
                 p.proc.wait()
         up.stop()
+
+
+def _redone_batches(log: str) -> int:
+    """Batches the restarted collector took back from its ingest journal (from its log)."""
+    import re
+
+    return sum(int(n) for n in re.findall(r"(\d+) batch\(es\) were not confirmed stored", log))
 
 
 def _backend_round(root: Path, down_s: float) -> dict:
@@ -425,6 +434,8 @@ def _backend_round(root: Path, down_s: float) -> dict:
             "sdk_points": s["points"], "sdk_lost": s["points"] - distinct_points(backend, sdk.service),
             "sdk_dups": duplicate_rows(backend, sdk.service)[0],
             "rejects": int(front.metric("stethoscope_rejects_total")),
+            "replays": int(front.metric("stethoscope_duplicate_requests_total")),
+            "held": front.log().count("is kept in the ingest journal"),
         }
     finally:
         for p in (agent, sdk):
@@ -445,23 +456,27 @@ def main(argv: list[str] | None = None) -> None:
     if args.scenario == "backend":
         print(f"ClickHouse server backend (a second up's SQL endpoint) killed with SIGKILL while an agent and a "
               f"ModelMonitor send through up --clickhouse-url; down {args.down:.0f} s; default settings")
-        print("| round | down s | recover s | 503 answers | agent points | lost | dups | SDK points | lost | dups |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| round | down s | recover s | 503 answers | batches held in journal | replays recognised | "
+              "agent points | lost | dups | SDK points | lost | dups |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for i in range(args.rounds):
             with tempfile.TemporaryDirectory(prefix="stethoscope-faults-") as tmp:
                 r = _backend_round(Path(tmp), args.down)
-            print(f"| {i + 1} | {r['down_s']} | {r['recover_s']} | {r['rejects']} | {r['agent_points']} | "
+            print(f"| {i + 1} | {r['down_s']} | {r['recover_s']} | {r['rejects']} | {r['held']} | {r['replays']} | "
+                  f"{r['agent_points']} | "
                   f"{r['agent_lost']} | {r['agent_dups']} | {r['sdk_points']} | {r['sdk_lost']} | {r['sdk_dups']} |",
                   flush=True)
         return
     print(f"kill -9 of up while an agent (2 simulated GPUs, 200 ms interval) and a ModelMonitor send; "
           f"down {args.down:.0f} s; agent.retry_max default (30s)")
-    print("| round | down s | recover s | agent points | lost | dups | SDK points | lost | dups |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| round | down s | recover s | batches redone from journal | replays recognised | "
+          "agent points | lost | dups | SDK points | lost | dups |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for i in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="stethoscope-faults-") as tmp:
             r = _round(Path(tmp), args.down, None)
-        print(f"| {i + 1} | {r['down_s']} | {r['recover_s']} | {r['agent_points']} | {r['agent_lost']} | "
+        print(f"| {i + 1} | {r['down_s']} | {r['recover_s']} | {r['redone']} | {r['replays']} | "
+              f"{r['agent_points']} | {r['agent_lost']} | "
               f"{r['agent_dups']} | {r['sdk_points']} | {r['sdk_lost']} | {r['sdk_dups']} |", flush=True)
 
 

@@ -8,7 +8,9 @@ each, 500 series of 20 points, 4 attributes per point):
   one insert per request), in a process pinned to one core;
 * ``e2e``: ``stethoscope up`` pinned to one core, fed over HTTP by concurrent
   clients on the other core; counted from the first request to the last answer,
-  and checked against the row count in the store afterwards.
+  and checked against the row count in the store afterwards. Run twice: with the
+  ingest journal (the default, every batch written and fsynced before its insert)
+  and without it (``store.journal = false``), to show what exactly-once costs.
 """
 
 from __future__ import annotations
@@ -95,11 +97,13 @@ def _raw_chdb(workdir: Path, requests: list[bytes]) -> dict:
             "parse_only_rate": parse_only}
 
 
-def _e2e(workdir: Path, requests: list[bytes], clients: int) -> dict:
+def _e2e(workdir: Path, requests: list[bytes], clients: int, journal: bool = True) -> dict:
     otlp, sql = _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "stethoscope", "up", "--data-dir", str(workdir / "e2e"),
+    name = "e2e" if journal else "e2e-nojournal"
+    cmd = [sys.executable, "-m", "stethoscope", "up", "--data-dir", str(workdir / name),
            "--otlp-http-port", str(otlp), "--sql-port", str(sql), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    env = {**os.environ, "STETHOSCOPE_STORE_JOURNAL": "true" if journal else "false"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             preexec_fn=lambda: _pin(SERVER_CPU))
     try:
         deadline = time.monotonic() + 120
@@ -158,10 +162,12 @@ def run(requests_n: int = 40, clients: int = 4) -> dict:
         raw = subprocess.run([sys.executable, "-m", "benchmarks.ingest", "--raw-child", str(workdir),
                               "--requests", str(requests_n)], capture_output=True, text=True, check=True)
         out["chdb_raw"] = json.loads(raw.stdout.strip().splitlines()[-1])
+        out["e2e_nojournal"] = _e2e(workdir, requests, clients, journal=False)
         out["e2e"] = _e2e(workdir, requests, clients)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     out["ratio_e2e_to_raw"] = out["e2e"]["rate"] / out["chdb_raw"]["rate"]
+    out["ratio_journal"] = out["e2e"]["rate"] / out["e2e_nojournal"]["rate"]
     return out
 
 
@@ -173,8 +179,10 @@ def report(r: dict) -> str:
         f"| decode only, Python twin | {r['decode_python']:,.0f} |",
         f"| chDB parsing the same RowBinary into a Null table (1 core) | {r['chdb_raw']['parse_only_rate']:,.0f} |",
         f"| chDB raw insert of the same rows (1 core) | {r['chdb_raw']['rate']:,.0f} |",
-        f"| end to end: OTLP/HTTP -> up -> chDB (up on 1 core, {r['e2e']['clients']} clients) | {r['e2e']['rate']:,.0f} |",
+        f"| end to end: OTLP/HTTP -> up -> chDB (up on 1 core, {r['e2e']['clients']} clients), journal | {r['e2e']['rate']:,.0f} |",
+        f"| same, without the journal (`store.journal = false`) | {r['e2e_nojournal']['rate']:,.0f} |",
         "",
+        f"with journal / without = {r['ratio_journal']:.2f}",
         f"end to end / raw chDB = {r['ratio_e2e_to_raw']:.2f}; rows stored {r['e2e']['stored']:,} of "
         f"{r['e2e']['points']:,}; failed requests {r['e2e']['failures']}",
     ])

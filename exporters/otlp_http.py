@@ -41,6 +41,7 @@ from stethoscope.errors import DecodeError, StoreError
 
 from .http_common import BaseHandler, BodyError, decompress
 from .ingest import Saturated
+from .journal import Journal
 from .otlp import DecodedLogs, decode_logs
 from .sampling_config import SamplingConfig, etag_matches
 from .selfmetrics import SelfMetrics
@@ -51,6 +52,17 @@ log = logging.getLogger(__name__)
 
 _PROTOBUF = "application/x-protobuf"
 _JSON = "application/json"
+
+
+def idempotency_key(value: str, token, signal: str) -> bytes:
+    """The ingest key of a request's ``Idempotency-Key``: scoped by signal and by the
+    token that sent it, so one tenant's keys can never suppress another's data.
+
+    >>> idempotency_key("spool-1:4-9", None, "metrics")
+    b'metrics\\x00spool-1:4-9'
+    """
+    scope = signal if token is None else f"{signal}/{token.name}"
+    return Journal.key(value, scope)
 
 
 def encode_status(code: int, message: str) -> bytes:
@@ -238,8 +250,9 @@ class OtlpHandler(BaseHandler):
             self._refuse(400, "malformed", str(exc), as_json)
             return
         ingestor = ctx["ingestor"]
+        key = self.headers.get("Idempotency-Key", "").strip()
         try:
-            ticket = ingestor.submit(parts)
+            ticket = ingestor.submit(parts, idempotency_key(key, self.token, signal) if key else None)
         except Saturated as exc:
             self._refuse(503, "saturated", f"collector busy, retry later: {exc}", as_json, retry_after=1)
             return
@@ -257,6 +270,12 @@ class OtlpHandler(BaseHandler):
             except StoreError as exc:
                 self._refuse(503, "store_error", f"could not store the data, retry later: {exc}", as_json, retry_after=5)
                 return
+        if ticket.duplicate:  # stored before: answer as the first time, count nothing twice
+            if decoded is None:
+                self.reply(200, b"{}" if as_json else b"", _JSON if as_json else _PROTOBUF)
+            else:
+                self.reply(200, encode_logs_response(0, "", as_json=as_json), _JSON if as_json else _PROTOBUF)
+            return
         if decoded is None:
             self.metrics.points_received.labels(signal=signal).inc(points)
             self.reply(200, b"{}" if as_json else b"", _JSON if as_json else _PROTOBUF)

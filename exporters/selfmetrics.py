@@ -65,6 +65,16 @@ class SelfMetrics:
             ["direction"],
             registry=r,
         )
+        self.duplicate_requests = Counter(
+            "stethoscope_duplicate_requests",
+            "Requests answered without storing because their Idempotency-Key was already stored or in flight.",
+            registry=r,
+        )
+        self.journal_pending = Gauge(
+            "stethoscope_journal_pending_batches",
+            "Batches in the ingest journal not yet confirmed stored (held while the store is unavailable).",
+            registry=r,
+        )
         self.sql_queries = Counter(
             "stethoscope_sql_queries", "Queries run through the SQL endpoint, by outcome.", ["outcome"], registry=r
         )

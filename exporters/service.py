@@ -12,6 +12,7 @@ from .auth import listener_security
 from .cardinality import CardinalityLimiter
 from .http_common import Listener
 from .ingest import Ingestor
+from .journal import Journal
 from .otlp import LOG_COLUMNS, MetricsDecoder
 from .otlp_http import OtlpHandler, RejectedRecords
 from .sampling_config import SamplingConfig
@@ -39,6 +40,15 @@ def open_configured_store(cfg: Config) -> Store:
     if s.clickhouse_url:
         return open_store("clickhouse", url=s.clickhouse_url, schema=schema)
     return open_store("chdb", data_dir=s.data_dir, schema=schema)
+
+
+def _journal(cfg: Config) -> Journal | None:
+    """The ingest journal ``store.journal`` asks for, under ``store.journal_dir``."""
+    if not cfg.store.journal:
+        return None
+    import os
+
+    return Journal(cfg.store.journal_dir or os.path.join(cfg.store.data_dir, "journal"))
 
 
 def _drift_scheduler(cfg: Config, store: Store) -> DriftScheduler:
@@ -118,6 +128,7 @@ class Service:
                 queue_max_rows=cfg.store.queue_max_rows,
                 attempts=cfg.store.insert_attempts,
                 metrics=self.metrics,
+                journal=_journal(cfg),
             )
             self.ingestor.start()
             if cfg.analytics.enabled:

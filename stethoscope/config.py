@@ -169,7 +169,16 @@ class StoreConfig:
     queue_max_rows: int = _setting(
         2_000_000, "Rows held in memory before receivers answer 503 (backpressure).", _positive
     )
-    insert_attempts: int = _setting(8, "Attempts per batch before it is reported failed.", _positive)
+    insert_attempts: int = _setting(
+        8, "Attempts per batch before the store counts as down (503 without a journal; kept and retried with one).",
+        _positive,
+    )
+    journal: bool = _setting(
+        True,
+        "Write each batch to a write-ahead journal before inserting it: exactly-once delivery across crashes "
+        "and client replays (Idempotency-Key), and buffering while the store is down.",
+    )
+    journal_dir: str = _setting("", "Directory of the ingest journal; empty means <data_dir>/journal.")
 
 
 @dataclass(frozen=True)

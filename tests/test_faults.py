@@ -83,12 +83,11 @@ def test_kill_9_of_up_mid_batch_loses_nothing(tmp_path):
         # No loss: every point the clients spooled is stored, and nothing else.
         assert distinct_points(up, agent.service) == a["points"]
         assert distinct_points(up, sdk.service) == s["points"]
-        # Delivery is at least once: a request whose rows were committed just before the
-        # SIGKILL, but whose 200 never reached the client, is replayed from the spool and
-        # stored a second time (docs/reliability.md). Never more than twice.
+        # Exactly once: a batch cut by the SIGKILL is inserted again from the ingest journal
+        # with its tokens, and a request whose 200 never reached the client is replayed under
+        # the same Idempotency-Key and recognised (docs/reliability.md).
         for svc in (agent.service, sdk.service):
-            extra, most = duplicate_rows(up, svc)
-            assert most <= 2, (svc, extra, most)
+            assert duplicate_rows(up, svc) == (0, 1), svc
         # The restarted store kept what the first process had stored (same data directory).
         assert int(up.sql(f"SELECT count() FROM otel_metrics_gauge WHERE ServiceName = '{agent.service}' "
                           f"AND TimeUnix < fromUnixTimestamp64Nano(toInt64({killed_ns}))").strip()) > 0
@@ -127,10 +126,10 @@ def test_clickhouse_backend_outage_buffers_refuses_and_recovers_without_loss(tmp
         assert s["dropped"] == {} and s["drained"], s
         for svc, spooled in ((agent.service, a["points"]), (sdk.service, s["points"])):
             assert distinct_points(backend, svc) == spooled  # no loss
-            # At least once: a batch the backend committed just as it died, retried by the
-            # collector with its token until the attempts ran out, then answered 503 and
-            # replayed by the client, is stored twice. Never more (docs/reliability.md).
-            assert duplicate_rows(backend, svc)[1] <= 2
+            # Exactly once: the batch the outage interrupted stays in the front collector's
+            # journal and is retried with its tokens until the backend is back; clients'
+            # replays carry the same Idempotency-Key (docs/reliability.md).
+            assert duplicate_rows(backend, svc) == (0, 1), svc
         log = front.log()
         assert "could not store" in log or "failed (attempt" in log  # the outage is logged
     finally:
