@@ -303,7 +303,9 @@ class Sender:
         self._deadline: float | None = None  # set while shutting down: drain until then
         self._attempt = 0
         self._single_until = 0  # after a rejected batch, send one record at a time up to here
-        self._pinned = 0  # after a failed attempt, resend exactly the same records (same Idempotency-Key)
+        # After a failed attempt, or a restart mid-request, resend exactly the same
+        # records (same Idempotency-Key): the spool remembers the last one in flight.
+        self._pinned = spool.inflight
         self._failures_at_head = 0
         self._logged: set[str] = set()
         self._outage_logged = False
@@ -439,6 +441,7 @@ class Sender:
         # The same records always go out under the same key, so a collector with an
         # ingest journal stores them once however often they are sent.
         key = f"{self.spool.identity}:{batch[0][0]}-{batch[-1][0]}"
+        self.spool.note_inflight(batch[-1][0])
         status, retry_after, detail = self._post(wire, key)
         with self._stats_lock:
             self._requests += 1

@@ -10,6 +10,7 @@ A spool directory holds::
     0000000000000000000k+1.seg the active segment, the only one written
     cursor                     the highest acknowledged sequence number
     id                         the spool's random identity (see ``Spool.identity``)
+    inflight                   the last record of the request being sent (``note_inflight``)
     lock                       flock()ed while a Spool has the directory open
 
 Each record is framed as ``crc32 u32 | length u32 | seq u64 | weight u32 |
@@ -210,6 +211,7 @@ class Spool:
             self._segments.append(seg)
             last_seq = seg.last_seq
         self.identity = self._read_identity()
+        self.inflight = self._read_inflight()
         cursor = self._read_cursor()
         first = self._segments[0].first_seq if self._segments else last_seq + 1
         self._acked = cursor if cursor is not None else first - 1
@@ -412,6 +414,39 @@ class Spool:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return text
+
+    def _read_inflight(self) -> int:
+        try:
+            raw = (self.directory / "inflight").read_bytes()
+        except FileNotFoundError:
+            return 0
+        if len(raw) == _CURSOR.size:
+            seq, crc = _CURSOR.unpack(raw)
+            if zlib.crc32(raw[:8]) == crc:
+                return seq
+        return 0
+
+    def note_inflight(self, last_seq: int) -> None:
+        """Remember the last record of the request being sent (file ``inflight``).
+
+        A sender that restarts resends up to that record and no further, so the
+        request goes out again as the same range under the same idempotency key,
+        even if more records were appended meanwhile. Not fsynced: it must
+        survive a killed process, and after a power cut the cost of losing it is
+        one request stored twice. Never raises.
+        """
+        if last_seq == self.inflight:
+            return
+        self.inflight = last_seq
+        head = struct.pack("<Q", last_seq)
+        path = self.directory / "inflight"
+        tmp = path.with_suffix(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_CURSOR.pack(last_seq, zlib.crc32(head)))
+            os.replace(tmp, path)
+        except OSError as exc:
+            _log.debug("spool %s: cannot note the request in flight: %s", self.directory, exc)
 
     def peek(self, max_records: int = 1, max_bytes: int | None = None) -> list[tuple[int, bytes]]:
         """The oldest unacknowledged records, oldest first, as ``(seq, record)``.

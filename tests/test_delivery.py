@@ -48,6 +48,7 @@ class ScriptedCollector:
         self.statuses: list[int] = []
         self.peers: set[tuple[str, int]] = set()
         self.encodings: set[str] = set()
+        self.keys: list[tuple[str | None, list[int]]] = []  # (Idempotency-Key, ids) of every POST
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,6 +61,7 @@ class ScriptedCollector:
                 if encoding == "gzip":
                     body = gzip.decompress(body)
                 got = ids(body)
+                outer.keys.append((self.headers.get("Idempotency-Key"), got))
                 status, headers = decide(got)
                 outer.statuses.append(status)
                 outer.peers.add(self.client_address)
@@ -138,6 +140,69 @@ def test_503_then_200_delivers_everything_in_order_exactly_once(spool: Spool, ba
     assert stats.last_error is not None and stats.last_error.startswith("HTTP 503")
     if batch > 1:
         assert len(server.peers) == 1  # one kept-alive connection
+
+
+def test_a_retry_resends_the_same_records_under_the_same_idempotency_key(spool: Spool) -> None:
+    gate = threading.Event()
+    first_try = threading.Event()
+
+    def decide(got: list[int]) -> tuple[int, dict[str, str]]:
+        if not gate.is_set():
+            first_try.set()
+            return 503, {"Retry-After": "0"}
+        return 200, {}
+
+    server = ScriptedCollector(decide)
+    for i in range(1, 4):
+        spool.append(record(i))
+    sender = fast_sender(spool, server.url, batch_max_records=64)
+    try:
+        sender.start()
+        first_try.wait(10)
+        for i in range(4, 8):  # more records arrive while the first request is being retried
+            spool.append(record(i))
+        gate.set()
+        assert sender.wait_drained(20)
+    finally:
+        sender.shutdown(0)
+        server.close()
+    refused = [k for k, got in server.keys if got == [1, 2, 3]]
+    assert len(refused) >= 2 and len(set(refused)) == 1  # the same range, the same key, every time
+    key = refused[0]
+    assert key == f"{spool.identity}:1-3"
+    assert [got for k, got in server.keys if k != key] == [[4, 5, 6, 7]]
+    assert server.accepted == list(range(1, 8))
+
+
+def test_a_restarted_sender_resends_the_request_it_had_in_flight_under_its_key(tmp_path: Path) -> None:
+    """The process died after sending records 1-3 and before reading the answer."""
+    server = ScriptedCollector(lambda got: (503, {"Retry-After": "0"}))
+    first = Spool(tmp_path / "spool")
+    identity = first.identity
+    for i in range(1, 4):
+        first.append(record(i))
+    sender = fast_sender(first, server.url)
+    sender.start()
+    wait_for(lambda: len(server.keys) >= 1)
+    sender.shutdown(0)
+    first.close()
+    server.close()
+    again = Spool(tmp_path / "spool")
+    try:
+        assert again.identity == identity and again.inflight == 3
+        for i in range(4, 8):
+            again.append(record(i))
+        server = ScriptedCollector(ok)
+        sender = fast_sender(again, server.url)
+        try:
+            sender.start()
+            assert sender.wait_drained(20)
+        finally:
+            sender.shutdown(0)
+            server.close()
+    finally:
+        again.close()
+    assert server.keys == [(f"{identity}:1-3", [1, 2, 3]), (f"{identity}:4-7", [4, 5, 6, 7])]
 
 
 def test_rejected_record_is_dropped_counted_and_the_next_goes_through(
