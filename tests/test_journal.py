@@ -352,3 +352,15 @@ def test_a_journal_that_cannot_be_written_refuses_the_batch(store, tmp_path, mon
     finally:
         ing.close()
     assert rows(store) == 4
+
+
+def test_keys_are_scoped_by_signal_and_by_the_sending_token():
+    from stethoscope.exporters.auth import TokenEntry
+    from stethoscope.exporters.otlp_http import idempotency_key
+
+    a = TokenEntry(name="team-a", sha256="0" * 64, permissions=frozenset({"ingest"}))
+    b = TokenEntry(name="team-b", sha256="1" * 64, permissions=frozenset({"ingest"}))
+    keys = {idempotency_key("spool:1-3", t, sig) for t in (None, a, b) for sig in ("metrics", "logs")}
+    assert len(keys) == 6  # one tenant's key never suppresses another's data, nor logs metrics
+    assert idempotency_key("spool:1-3", a, "metrics") == idempotency_key("spool:1-3", a, "metrics")
+    assert len(idempotency_key("x" * 10_000, a, "metrics")) == 32  # a huge header is hashed, not stored

@@ -193,6 +193,24 @@ def test_self_metrics_count_points_and_rows(service):
     assert "stethoscope_queue_rows 0.0" in text
 
 
+def test_a_request_sent_again_under_its_idempotency_key_is_stored_once(service):
+    body = _request(4)
+    key = {"Idempotency-Key": "0123abcd:5-9"}
+    assert post(otlp_url(service), body, headers=key)[:2] == (200, b"")
+    assert post(otlp_url(service), body, headers=key)[:2] == (200, b"")  # answered, not stored
+    assert post(otlp_url(service), body, headers={"Idempotency-Key": "0123abcd:10-12"})[0] == 200
+    assert post(otlp_url(service), body)[0] == 200  # no key: every request is new data
+    assert sql(service, "SELECT count() FROM otel_metrics_gauge").strip() == "12"
+    # JSON answers a replay in kind, and a logs key is not a metrics key
+    assert post(otlp_url(service), b"{}", "application/json", key)[:2] == (200, b"{}")
+    status, resp, _ = post(otlp_url(service, "/v1/logs"), b"", headers=key)
+    assert status == 200
+    with urllib.request.urlopen(otlp_url(service, "/metrics"), timeout=10) as r:
+        text = r.read().decode()
+    assert "stethoscope_duplicate_requests_total 2.0" in text  # the protobuf and the JSON replay
+    assert 'stethoscope_points_received_total{signal="metrics"} 12.0' in text
+
+
 def test_an_empty_request_is_fine(service):
     status, resp, _ = post(otlp_url(service), b"")
     assert status == 200 and resp == b""
