@@ -119,9 +119,12 @@ def run(agents: int = 100, seconds: float = 60.0, points: int = 200, queue_max_r
             w.start()
             workers.append(w)
             first += count
+        tracked = [(0.0, _chdb_tracked(sql))]
         while time.time() < until + 1:
             time.sleep(1.0)
             rss.append((time.time() - start, _rss_bytes(proc.pid)))
+            if len(rss) % 5 == 0:
+                tracked.append((time.time() - start, _chdb_tracked(sql)))
         tallies = [queue.get(timeout=120) for _ in workers]
         for w in workers:
             w.join(30)
@@ -132,6 +135,8 @@ def run(agents: int = 100, seconds: float = 60.0, points: int = 200, queue_max_r
         with urllib.request.urlopen(q, timeout=60) as resp:
             stored = int(resp.read())
         rss.append((time.time() - start, _rss_bytes(proc.pid)))
+        tracked.append((time.time() - start, _chdb_tracked(sql)))
+        primary_keys = _sql_int(sql, "SELECT sum(primary_key_bytes_in_memory) FROM system.parts WHERE active")
     finally:
         proc.terminate()
         proc.wait(60)
@@ -147,7 +152,23 @@ def run(agents: int = 100, seconds: float = 60.0, points: int = 200, queue_max_r
         "rss_start": rss[0][1], "rss_max": max(r for _, r in rss),
         "rss_early_mean": sum(r for _, r in early) / len(early), "rss_late_mean": sum(r for _, r in late) / len(late),
         "rss_samples": len(rss),
+        "chdb_tracked_start": tracked[0][1], "chdb_tracked_end": tracked[-1][1],
+        "chdb_tracked_max": max(t for _, t in tracked), "primary_key_bytes": primary_keys,
     }
+
+
+def _sql_int(port: int, query: str) -> int:
+    q = urllib.request.Request(f"http://127.0.0.1:{port}/", data=query.encode())
+    try:
+        with urllib.request.urlopen(q, timeout=30) as resp:
+            return int(float(resp.read().strip() or 0))
+    except (OSError, ValueError):
+        return -1
+
+
+def _chdb_tracked(port: int) -> int:
+    """Bytes chDB's own memory tracker holds (``MemoryTracking``): caches, parts, queries."""
+    return _sql_int(port, "SELECT value FROM system.metrics WHERE metric = 'MemoryTracking'")
 
 
 def report(r: dict) -> str:
@@ -164,6 +185,9 @@ def report(r: dict) -> str:
         f"| rows stored / points acknowledged | {r['stored']:,} / {r['points']:,} |",
         f"| up RSS: at start / mean of first 10% / mean of last 10% / max | {r['rss_start'] / mib:.0f} / "
         f"{r['rss_early_mean'] / mib:.0f} / {r['rss_late_mean'] / mib:.0f} / {r['rss_max'] / mib:.0f} MiB |",
+        f"| chDB MemoryTracking: at start / at end / max (every 5 s) | {r['chdb_tracked_start'] / mib:.0f} / "
+        f"{r['chdb_tracked_end'] / mib:.0f} / {r['chdb_tracked_max'] / mib:.0f} MiB |",
+        f"| primary keys in memory at the end (system.parts) | {r['primary_key_bytes'] / mib:.1f} MiB |",
     ])
 
 

@@ -192,6 +192,25 @@ class Journal:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise JournalError(f"cannot create the ingest journal directory {self.directory}: {exc}") from exc
+        self._lock_fd = self._take_directory()
+
+    def _take_directory(self) -> int:
+        """flock() the directory's ``lock`` file: two collectors must never share a journal."""
+        import fcntl
+
+        try:
+            fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot open {self.directory / 'lock'}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalError(
+                f"the ingest journal {self.directory} is in use by another collector; give each `up` its own "
+                "store.data_dir or store.journal_dir"
+            ) from None
+        return fd
 
     # --- keys ---------------------------------------------------------------
 
@@ -437,10 +456,15 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
-            if self._fd is not None:
-                try:
-                    if self.fsync:
-                        os.fsync(self._fd)
-                finally:
-                    os.close(self._fd)
-                    self._fd = None
+            try:
+                if self._fd is not None:
+                    try:
+                        if self.fsync:
+                            os.fsync(self._fd)
+                    finally:
+                        os.close(self._fd)
+                        self._fd = None
+            finally:
+                if self._lock_fd >= 0:
+                    os.close(self._lock_fd)  # releases the flock
+                    self._lock_fd = -1

@@ -364,3 +364,11 @@ def test_keys_are_scoped_by_signal_and_by_the_sending_token():
     assert len(keys) == 6  # one tenant's key never suppresses another's data, nor logs metrics
     assert idempotency_key("spool:1-3", a, "metrics") == idempotency_key("spool:1-3", a, "metrics")
     assert len(idempotency_key("x" * 10_000, a, "metrics")) == 32  # a huge header is hashed, not stored
+
+
+def test_two_collectors_cannot_share_a_journal(tmp_path):
+    first = Journal(tmp_path)
+    with pytest.raises(JournalError, match="in use by another collector"):
+        Journal(tmp_path)
+    first.close()
+    Journal(tmp_path).close()  # free again once the first is closed
