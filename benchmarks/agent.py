@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,11 +19,7 @@ from pathlib import Path
 
 import psutil
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from stethoscope._net import free_port
 
 
 def _wait(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -68,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="measurement window per interval (default 60)")
     args = ap.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="stethoscope-agent-bench-"))
-    otlp, sql = _free_port(), _free_port()
+    otlp, sql = free_port(), free_port()
     up = subprocess.Popen([sys.executable, "-m", "stethoscope", "up", "--data-dir", str(workdir / "data"),
                            "--otlp-http-port", str(otlp), "--sql-port", str(sql), "--log-level", "WARNING"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

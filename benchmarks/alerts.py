@@ -44,6 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from stethoscope._net import free_port
+
 SECRET = "benchmark-webhook-secret"
 
 
@@ -131,14 +133,6 @@ SOURCES: dict[str, Callable[[Any, int], tuple[float, str]]] = {
 }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(source: str, incidents: int, settings: dict[str, Any] | None = None, seed: int = 1,
             gap: tuple[float, float] = (0.3, 1.3)) -> dict[str, Any]:
     """Latencies (s) of ``incidents`` incidents from ``source`` against a fresh ``up``."""
@@ -149,8 +143,8 @@ def measure(source: str, incidents: int, settings: dict[str, Any] | None = None,
     rec = _Receiver()
     os.environ["STETHOSCOPE_WEBHOOK_SECRET"] = SECRET
     with tempfile.TemporaryDirectory() as d:
-        overrides = {"store.data_dir": str(Path(d) / "data"), "collector.otlp_http_port": _free_port(),
-                     "sql.port": _free_port(), "alerts.webhook_url": rec.url, **(settings or {})}
+        overrides = {"store.data_dir": str(Path(d) / "data"), "collector.otlp_http_port": free_port(),
+                     "sql.port": free_port(), "alerts.webhook_url": rec.url, **(settings or {})}
         svc = Service(load_config(environ={}, overrides=overrides))
         svc.start()
         rng = random.Random(seed)

@@ -20,7 +20,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,15 +28,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from stethoscope._net import free_port
+
 from .workload import gauge_request
 
 SERVER_CPU, CLIENT_CPU = 0, 1
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pin(cpu: int) -> None:
@@ -98,7 +94,7 @@ def _raw_chdb(workdir: Path, requests: list[bytes]) -> dict:
 
 
 def _e2e(workdir: Path, requests: list[bytes], clients: int, journal: bool = True) -> dict:
-    otlp, sql = _free_port(), _free_port()
+    otlp, sql = free_port(), free_port()
     name = "e2e" if journal else "e2e-nojournal"
     cmd = [sys.executable, "-m", "stethoscope", "up", "--data-dir", str(workdir / name),
            "--otlp-http-port", str(otlp), "--sql-port", str(sql), "--log-level", "WARNING"]

@@ -28,7 +28,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .ingest import CLIENT_CPU, SERVER_CPU, _free_port, _pin
+from stethoscope._net import free_port
+
+from .ingest import CLIENT_CPU, SERVER_CPU, _pin
 from .workload import gauge_request
 
 
@@ -89,7 +91,7 @@ def _agent_process(port: int, first: int, count: int, points: int, until: float,
 def run(agents: int = 100, seconds: float = 60.0, points: int = 200, queue_max_rows: int = 20_000,
         processes: int = 4) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="stethoscope-load-"))
-    otlp, sql = _free_port(), _free_port()
+    otlp, sql = free_port(), free_port()
     env = {**os.environ, "STETHOSCOPE_STORE_QUEUE_MAX_ROWS": str(queue_max_rows),
            "STETHOSCOPE_ANALYTICS_ENABLED": "false", "STETHOSCOPE_ALERTS_ENABLED": "false"}
     cmd = [sys.executable, "-m", "stethoscope", "up", "--data-dir", str(workdir / "data"),
