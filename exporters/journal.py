@@ -15,7 +15,8 @@ are done a small *done* record follows. That ordering gives three guarantees:
 - **A client's replay is recognised.** Clients that keep a spool (the node agent,
   the SDK) send an ``Idempotency-Key`` per request and reuse it when they send the
   same records again. Keys of committed batches are kept for ``window_s``
-  (default one hour, at most ``max_keys``) and survive restarts, so a request whose
+  (default one hour, at most ``max_keys``, 200,000 by default: about 200 bytes
+  each) and survive restarts, so a request whose
   ``200`` was lost in the crash is answered ``200`` again without a second copy.
 - **Nothing is half-written.** Every record carries a CRC32; a torn record at the
   end of the last segment (the crash happened while writing it) is cut off, and
@@ -171,7 +172,7 @@ class Journal:
         *,
         segment_bytes: int = 64 * 1024 * 1024,
         window_s: float = 3600.0,
-        max_keys: int = 1_000_000,
+        max_keys: int = 200_000,
         fsync: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
