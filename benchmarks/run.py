@@ -21,6 +21,7 @@ BENCHMARKS = {
     "load": "benchmarks.load",
     "cardinality": "benchmarks.cardinality",
     "faults": "benchmarks.faults",
+    "memory": "benchmarks.memory",
 }
 
 
