@@ -165,6 +165,10 @@ class Ingestor:
         if self.journal is not None:
             now = self._clock()
             for jb in self.journal.recover():
+                for table in [t for t in jb.tables if t not in self.columns]:
+                    log.error("ingest journal: batch %s holds rows for unknown table %s; they are dropped",
+                              jb.token, table)
+                    del jb.tables[table]
                 ticket = Ticket(sum(len(parts) for parts in jb.tables.values()) or 1)
                 ticket._taken = True
                 batch = {t: [_Part(rows, data, ticket, now) for rows, data in parts] for t, parts in jb.tables.items()}
