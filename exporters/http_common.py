@@ -3,7 +3,6 @@ decompression, bearer-token checks, ``/healthz`` and ``/metrics``."""
 
 from __future__ import annotations
 
-import gzip  # used by the doctest of decompress()
 import json
 import logging
 import socket

@@ -251,7 +251,7 @@ def run_demo(*, duration_s: float = 420.0, speedup: float = 1.0, out_dir: str | 
     from stethoscope.agents.gpu.simulate import SimulatedGpuCollector
     from stethoscope.agents.resource import build_resource
     from stethoscope.agents.sdk import ModelMonitor, TrainingMonitor
-    from stethoscope.agents.sdk.simulate import SimClock, incident_time
+    from stethoscope.agents.sdk.simulate import SimClock
     from stethoscope.alerts.rules import load_rules
     from stethoscope.config import load_config
     from stethoscope.exporters.service import Service
