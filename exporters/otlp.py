@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stethoscope._extras import require
-from stethoscope.errors import DecodeError
+from stethoscope.errors import ConfigError, DecodeError
 from stethoscope.native import implementation
 from stethoscope.native.otlp_rowbinary import any_value_to_str, attr_map, rb_string
 
@@ -77,12 +77,19 @@ class MetricsDecoder:
     """Turns an ``ExportMetricsServiceRequest`` into parts for the metric tables.
 
     With a ``limiter`` (:class:`~.cardinality.CardinalityLimiter`), attribute sets
-    beyond the per-metric cardinality limit are folded into the overflow set first.
+    beyond the per-metric cardinality limit get the overflow set, inside the
+    encoder's single pass.
     """
 
     def __init__(self, impl: str = "auto", *, limiter: CardinalityLimiter | None = None) -> None:
-        self._encode: Callable[[bytes], dict[str, tuple[int, bytes]]] = implementation(impl).encode_metrics
-        self.implementation = implementation(impl).__name__
+        self._module = implementation(impl)
+        self._encode: Callable[[bytes], dict[str, tuple[int, bytes]]] = self._module.encode_metrics
+        self.implementation = self._module.__name__
+        if limiter is not None and not hasattr(self._module, "CardinalityState"):
+            raise ConfigError(
+                f"collector.cardinality_limit: {self.implementation} predates the cardinality limit "
+                "(a stale build of the C kernel): rebuild it with `pip install -e .`, or set the limit to 0"
+            )
         self.limiter = limiter
 
     def decode(self, body: bytes, *, json_body: bool = False) -> tuple[list[Part], int]:
@@ -95,11 +102,12 @@ class MetricsDecoder:
             )
             body = json_to_protobuf(body, pb.ExportMetricsServiceRequest)
         if self.limiter is not None:
-            body = self.limiter.apply(body)
-        try:
-            encoded = self._encode(body)
-        except ValueError as exc:
-            raise DecodeError(str(exc)) from exc
+            encoded = self.limiter.encode(body, self._module)
+        else:
+            try:
+                encoded = self._encode(body)
+            except ValueError as exc:
+                raise DecodeError(str(exc)) from exc
         parts = [(METRIC_TABLES[kind].name, rows, data) for kind, (rows, data) in encoded.items()]
         return parts, sum(p[1] for p in parts)
 

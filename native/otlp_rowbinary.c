@@ -6,6 +6,11 @@
  * (opentelemetry-proto metrics v1) straight from the wire bytes and returns
  * {kind: (rows, rowbinary_bytes)} for every metric kind with at least one row,
  * with byte-identical output to the Python twin for every valid request.
+ * encode_metrics(data, state) also applies a per-metric cardinality limit
+ * (CardinalityState; rules in exporters/cardinality.py): each point's map is
+ * hashed as written, the metric's points are decided on under the state's
+ * lock once the metric ends, and the maps of those past the limit are
+ * replaced by {otel.metric.overflow: true} in the output.
  *
  * Design:
  *  - No protobuf library: a small bounds-checked wire reader (Rd). Every read
@@ -29,6 +34,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pythread.h>
 
 #include <locale.h>
 #include <math.h>
@@ -112,6 +118,14 @@ typedef struct {
 
     uint8_t **blocks; /* merged sub-message copies */
     size_t nblocks, capblocks;
+
+    /* Cardinality limiting (only with a CardinalityState): the attribute maps
+     * of the current metric's points, decided on when the metric ends. */
+    struct LimState *lim;
+    int lim_on;
+    struct Pend *pend;
+    size_t npend, cappend;
+    Buf scratch;
 } Ctx;
 
 static const uint8_t empty_bytes[1] = {0};
@@ -1229,6 +1243,342 @@ static inline int write_head(Ctx *c, Buf *out)
     return b_raw(c, out, c->mhead.p, c->mhead.n);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Cardinality limiting (see exporters/cardinality.py for the semantics)     */
+
+/* Attribute sets are told apart by a seeded 64-bit hash of their RowBinary
+ * map (sorted, de-duplicated, values rendered), so two spellings of one set
+ * are one set. The twin computes the same function (attrs_hash there). */
+#define H_K0 0x9E3779B97F4A7C15ULL
+#define H_K1 0xA0761D6478BD642FULL
+#define H_K2 0xE7037ED1A0B428DBULL
+#define H_K3 0x8EBC6AF09C88C6E3ULL
+#define H_K4 0x589965CC75374CC3ULL
+#define H_K5 0x1D8E4E27C47D124FULL
+
+static inline uint64_t mum(uint64_t a, uint64_t b)
+{
+#if defined(__SIZEOF_INT128__)
+    unsigned __int128 p = (unsigned __int128)a * b;
+    return (uint64_t)p ^ (uint64_t)(p >> 64);
+#else
+    uint64_t al = a & 0xFFFFFFFFu, ah = a >> 32, bl = b & 0xFFFFFFFFu, bh = b >> 32;
+    uint64_t ll = al * bl, lh = al * bh, hl = ah * bl, hh = ah * bh;
+    uint64_t mid = (ll >> 32) + (lh & 0xFFFFFFFFu) + (hl & 0xFFFFFFFFu);
+    uint64_t lo = (ll & 0xFFFFFFFFu) | (mid << 32);
+    uint64_t hi = hh + (lh >> 32) + (hl >> 32) + (mid >> 32);
+    return lo ^ hi;
+#endif
+}
+
+static inline uint64_t load_le64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+/* Block k of 16 bytes goes into lane k % 2 (two multiply chains side by
+ * side). A partial last block is the last 16 bytes of the data (overlapping
+ * the one before), or the data zero-padded when it is shorter than 16 bytes;
+ * read with plain loads, as a copy to the stack would stall the next load.
+ * The length goes in first and last. */
+#define H_MIX(lane, p0, p1) lane = mum((p0) ^ lane ^ H_K1, (p1) ^ s2)
+static uint64_t attrs_hash(const uint8_t *p, size_t n, uint64_t seed)
+{
+    uint64_t a = seed ^ ((uint64_t)n * H_K0), b = seed ^ H_K5, s2 = seed ^ H_K2;
+    size_t nb = n / 16, k = 0;
+    for (; k + 2 <= nb; k += 2) {
+        const uint8_t *q = p + 16 * k;
+        H_MIX(a, load_le64(q), load_le64(q + 8));
+        H_MIX(b, load_le64(q + 16), load_le64(q + 24));
+    }
+    if (k < nb) {
+        H_MIX(a, load_le64(p + 16 * k), load_le64(p + 16 * k + 8));
+        k++;
+    }
+    if (n % 16) {
+        uint64_t w0 = 0, w1 = 0;
+        if (n >= 16) {
+            w0 = load_le64(p + n - 16);
+            w1 = load_le64(p + n - 8);
+        } else {
+            for (size_t i = 0; i < n; i++) {
+                if (i < 8)
+                    w0 |= (uint64_t)p[i] << (8 * i);
+                else
+                    w1 |= (uint64_t)p[i] << (8 * (i - 8));
+            }
+        }
+        if (k & 1)
+            H_MIX(b, w0, w1);
+        else
+            H_MIX(a, w0, w1);
+    }
+    uint64_t h = mum(a ^ H_K3, b ^ (uint64_t)n ^ H_K4);
+    return h ? h : 1;
+}
+#undef H_MIX
+
+/* The map every overflowing point gets: {"otel.metric.overflow": "true"}. */
+static const uint8_t overflow_map[] = "\x01\x14otel.metric.overflow\x04true";
+#define OVERFLOW_MAP_LEN (sizeof(overflow_map) - 1)
+
+/* A set of 64-bit hashes (open addressing, 0 = empty slot). */
+typedef struct {
+    uint64_t *keys;
+    size_t cap, n;
+} HSet;
+
+/* 1 if present, 0 if absent (and then `*slot` is where it would go). */
+static inline int hset_find(const HSet *s, uint64_t h, size_t *slot)
+{
+    if (!s->cap) {
+        *slot = 0;
+        return 0;
+    }
+    size_t mask = s->cap - 1, i = (size_t)(h ^ (h >> 29)) & mask;
+    while (s->keys[i]) {
+        if (s->keys[i] == h)
+            return 1;
+        i = (i + 1) & mask;
+    }
+    *slot = i;
+    return 0;
+}
+
+/* Insert an absent key; grows at half full. -1 when out of memory. */
+static int hset_add(HSet *s, uint64_t h)
+{
+    if ((s->n + 1) * 2 > s->cap) {
+        size_t ncap = s->cap ? s->cap * 2 : 16;
+        uint64_t *k = (uint64_t *)PyMem_RawCalloc(ncap, sizeof(uint64_t));
+        if (!k)
+            return -1;
+        HSet t = {k, ncap, 0};
+        for (size_t i = 0; i < s->cap; i++) {
+            if (s->keys[i]) {
+                size_t slot = 0;
+                hset_find(&t, s->keys[i], &slot);
+                t.keys[slot] = s->keys[i];
+            }
+        }
+        t.n = s->n;
+        PyMem_RawFree(s->keys);
+        *s = t;
+    }
+    size_t slot = 0;
+    if (hset_find(s, h, &slot))
+        return 0;
+    s->keys[slot] = h;
+    s->n++;
+    return 0;
+}
+
+typedef struct {
+    uint64_t h; /* 0: free slot */
+    uint8_t *name;
+    size_t nlen;
+    HSet sets;
+    int warned;
+} NameEnt;
+
+/* stethoscope._native.CardinalityState: the limiter's memory for one window. */
+typedef struct LimState {
+    PyObject_HEAD
+    PyThread_type_lock lock;
+    uint64_t seed;
+    size_t limit, max_metrics;
+    NameEnt *names; /* open addressing, capacity a power of two >= 2 * max_metrics */
+    size_t ncap, nnames;
+    uint64_t series;             /* distinct sets tracked, all names */
+    uint64_t overflowed, untracked; /* since the last take() */
+    size_t *warn;                /* names that began to overflow since the last take() */
+    size_t nwarn, capwarn;
+} LimState;
+
+typedef struct Pend {
+    size_t off, len; /* the map's bytes in the output buffer */
+    uint64_t h;
+    int over;
+} Pend;
+
+static void lim_clear(LimState *st)
+{
+    for (size_t i = 0; i < st->ncap; i++) {
+        NameEnt *e = &st->names[i];
+        if (e->h) {
+            PyMem_RawFree(e->name);
+            PyMem_RawFree(e->sets.keys);
+        }
+        memset(e, 0, sizeof(*e));
+    }
+    st->nnames = 0;
+    st->series = 0;
+    st->nwarn = 0;
+}
+
+/* The entry of a metric name, added if there is room; NULL when the table is
+ * full (the name is then not tracked this window). *oom set on failure. */
+static NameEnt *lim_name(LimState *st, const uint8_t *name, size_t n, int *oom_flag)
+{
+    uint64_t h = attrs_hash(name, n, st->seed);
+    size_t mask = st->ncap - 1, i = (size_t)(h ^ (h >> 29)) & mask;
+    while (st->names[i].h) {
+        NameEnt *e = &st->names[i];
+        if (e->h == h && e->nlen == n && (n == 0 || memcmp(e->name, name, n) == 0))
+            return e;
+        i = (i + 1) & mask;
+    }
+    if (st->nnames >= st->max_metrics)
+        return NULL;
+    NameEnt *e = &st->names[i];
+    e->name = (uint8_t *)PyMem_RawMalloc(n ? n : 1);
+    if (!e->name) {
+        *oom_flag = 1;
+        return NULL;
+    }
+    if (n)
+        memcpy(e->name, name, n);
+    e->nlen = n;
+    e->h = h;
+    e->warned = 0;
+    e->sets.keys = NULL;
+    e->sets.cap = e->sets.n = 0;
+    st->nnames++;
+    return e;
+}
+
+/* Write a point's head and attribute map; with the limiter on, note the map. */
+static int point_map(Ctx *c, Buf *out, size_t mark)
+{
+    TRY(write_head(c, out));
+    size_t off = out->n;
+    TRY(emit_map(c, out, mark, 0));
+    if (!c->lim_on)
+        return 0;
+    size_t len = out->n - off;
+    if (len == OVERFLOW_MAP_LEN && memcmp(out->p + off, overflow_map, len) == 0)
+        return 0; /* already an overflow point (from an SDK): passes as is */
+    if (c->npend == c->cappend) {
+        size_t ncap = c->cappend ? c->cappend * 2 : 64;
+        struct Pend *p = (struct Pend *)PyMem_RawRealloc(c->pend, ncap * sizeof(struct Pend));
+        if (!p)
+            return oom(c);
+        c->pend = p;
+        c->cappend = ncap;
+    }
+    struct Pend *p = &c->pend[c->npend++];
+    p->off = off;
+    p->len = len;
+    p->h = attrs_hash(out->p + off, len, c->lim->seed);
+    p->over = 0;
+    return 0;
+}
+
+/* Decide on the noted points of one metric (all written to `out` from
+ * `start` on) and rewrite the maps of those past the limit. */
+static int limit_metric(Ctx *c, Span name, Buf *out, size_t start)
+{
+    LimState *st = c->lim;
+    size_t nover = 0, room = st->limit - 1;
+    int nomem = 0;
+    PyThread_acquire_lock(st->lock, WAIT_LOCK);
+    NameEnt *e = lim_name(st, name.p, name.n, &nomem);
+    if (!e) {
+        if (!nomem)
+            st->untracked += c->npend;
+    } else {
+        for (size_t i = 0; i < c->npend; i++) {
+            struct Pend *p = &c->pend[i];
+            size_t slot = 0;
+            if (hset_find(&e->sets, p->h, &slot))
+                continue;
+            if (e->sets.n < room) {
+                if (hset_add(&e->sets, p->h) < 0) {
+                    nomem = 1;
+                    break;
+                }
+                st->series++;
+                continue;
+            }
+            p->over = 1;
+            nover++;
+        }
+        st->overflowed += nover;
+        if (nover && !e->warned && !nomem) {
+            if (st->nwarn == st->capwarn) {
+                size_t ncap = st->capwarn ? st->capwarn * 2 : 16;
+                size_t *w = (size_t *)PyMem_RawRealloc(st->warn, ncap * sizeof(size_t));
+                if (w) {
+                    st->warn = w;
+                    st->capwarn = ncap;
+                }
+            }
+            if (st->nwarn < st->capwarn) {
+                e->warned = 1;
+                st->warn[st->nwarn++] = (size_t)(e - st->names);
+            }
+        }
+    }
+    PyThread_release_lock(st->lock);
+    size_t npend = c->npend;
+    c->npend = 0;
+    if (nomem)
+        return oom(c);
+    if (!nover)
+        return 0;
+    /* Overflow maps no longer than the maps they replace (the usual case: the
+     * attribute that floods is long): compact in place, from the first one on. */
+    int shrink = 1;
+    size_t first = npend;
+    for (size_t i = 0; i < npend; i++) {
+        if (!c->pend[i].over)
+            continue;
+        if (first == npend)
+            first = i;
+        if (c->pend[i].len < OVERFLOW_MAP_LEN) {
+            shrink = 0;
+            break;
+        }
+    }
+    if (shrink) {
+        size_t w = c->pend[first].off, at = w;
+        for (size_t i = first; i < npend; i++) {
+            struct Pend *p = &c->pend[i];
+            if (!p->over)
+                continue;
+            if (p->off > at) {
+                memmove(out->p + w, out->p + at, p->off - at);
+                w += p->off - at;
+            }
+            memcpy(out->p + w, overflow_map, OVERFLOW_MAP_LEN);
+            w += OVERFLOW_MAP_LEN;
+            at = p->off + p->len;
+        }
+        memmove(out->p + w, out->p + at, out->n - at);
+        out->n = w + (out->n - at);
+        return 0;
+    }
+    Buf *s = &c->scratch;
+    s->n = 0;
+    size_t at = start;
+    for (size_t i = 0; i < npend; i++) {
+        struct Pend *p = &c->pend[i];
+        if (!p->over)
+            continue;
+        TRY(b_raw(c, s, out->p + at, p->off - at));
+        TRY(b_raw(c, s, overflow_map, OVERFLOW_MAP_LEN));
+        at = p->off + p->len;
+    }
+    TRY(b_raw(c, s, out->p + at, out->n - at));
+    out->n = start;
+    return b_raw(c, out, s->p, s->n);
+}
+
 static int number_dp(Ctx *c, Span dp, const Body *b)
 {
 #define MSG "NumberDataPoint"
@@ -1277,8 +1627,7 @@ static int number_dp(Ctx *c, Span dp, const Body *b)
         }
     }
     Buf *out = b->out;
-    TRY(write_head(c, out));
-    TRY(emit_map(c, out, mark, 0));
+    TRY(point_map(c, out, mark));
     c->arena.n = amark;
     blocks_release(c, bmark);
     TRY(reserve(c, out, 28));
@@ -1395,8 +1744,7 @@ static int hist_dp(Ctx *c, Span dp, const Body *b)
         }
     }
     Buf *out = b->out;
-    TRY(write_head(c, out));
-    TRY(emit_map(c, out, mark, 0));
+    TRY(point_map(c, out, mark));
     c->arena.n = amark;
     blocks_release(c, bmark);
     TRY(b_u64(c, out, start));
@@ -1570,8 +1918,7 @@ static int exph_dp(Ctx *c, Span dp, const Body *b)
         }
     }
     Buf *out = b->out;
-    TRY(write_head(c, out));
-    TRY(emit_map(c, out, mark, 0));
+    TRY(point_map(c, out, mark));
     c->arena.n = amark;
     if (npos > 1)
         TRY(merged(c, dp, dp.p, 8, 6, &pos));
@@ -1677,8 +2024,7 @@ static int summary_dp(Ctx *c, Span dp, const Body *b)
         }
     }
     Buf *out = b->out;
-    TRY(write_head(c, out));
-    TRY(emit_map(c, out, mark, 0));
+    TRY(point_map(c, out, mark));
     c->arena.n = amark;
     blocks_release(c, bmark);
     TRY(b_u64(c, out, start));
@@ -1860,7 +2206,13 @@ static int process_metric(Ctx *c, Span m)
     }
     if (nfinal > 1)
         TRY(merged(c, m, run, lm, 4, &first));
+    size_t start = c->out[kind].n;
+    c->lim_on = c->lim != NULL;
+    c->npend = 0;
     int rc = process_body(c, kind, first, &c->out[kind], &c->rows[kind]);
+    c->lim_on = 0;
+    if (rc == 0 && c->npend)
+        rc = limit_metric(c, name, &c->out[kind], start);
     blocks_release(c, bmark);
     return rc;
 #undef MSG
@@ -2062,6 +2414,8 @@ static void ctx_free(Ctx *c)
     PyMem_RawFree(c->ex);
     blocks_release(c, 0);
     PyMem_RawFree(c->blocks);
+    PyMem_RawFree(c->pend);
+    buf_free(&c->scratch);
 }
 
 static int run_encode(Ctx *c)
@@ -2080,18 +2434,161 @@ static int run_encode(Ctx *c)
 }
 
 /* ------------------------------------------------------------------------ */
+/* CardinalityState                                                          */
+
+static PyTypeObject LimStateType;
+
+static PyObject *lim_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"limit", "max_metrics", "seed", NULL};
+    Py_ssize_t limit, max_metrics;
+    unsigned long long seed;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "nnK:CardinalityState", kwlist, &limit, &max_metrics, &seed))
+        return NULL;
+    if (limit < 2) {
+        PyErr_Format(PyExc_ValueError, "cardinality limit must be 2 or more, got %zd", limit);
+        return NULL;
+    }
+    if (max_metrics < 1 || max_metrics > (Py_ssize_t)1 << 24) {
+        PyErr_Format(PyExc_ValueError, "max_metrics must be between 1 and 16777216, got %zd", max_metrics);
+        return NULL;
+    }
+    LimState *st = (LimState *)type->tp_alloc(type, 0);
+    if (!st)
+        return NULL;
+    st->limit = (size_t)limit;
+    st->max_metrics = (size_t)max_metrics;
+    st->seed = (uint64_t)seed;
+    size_t cap = 16;
+    while (cap < 2 * st->max_metrics)
+        cap *= 2;
+    st->names = (NameEnt *)PyMem_RawCalloc(cap, sizeof(NameEnt));
+    st->lock = PyThread_allocate_lock();
+    if (!st->names || !st->lock) {
+        Py_DECREF(st);
+        return PyErr_NoMemory();
+    }
+    st->ncap = cap;
+    return (PyObject *)st;
+}
+
+static void lim_dealloc(LimState *st)
+{
+    if (st->names) {
+        lim_clear(st);
+        PyMem_RawFree(st->names);
+    }
+    PyMem_RawFree(st->warn);
+    if (st->lock)
+        PyThread_free_lock(st->lock);
+    Py_TYPE(st)->tp_free((PyObject *)st);
+}
+
+static void lim_lock(LimState *st)
+{
+    if (!PyThread_acquire_lock(st->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(st->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static PyObject *lim_reset(LimState *st, PyObject *Py_UNUSED(ignored))
+{
+    lim_lock(st);
+    lim_clear(st);
+    PyThread_release_lock(st->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *lim_take(LimState *st, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *names = PyList_New(0);
+    if (!names)
+        return NULL;
+    lim_lock(st);
+    uint64_t over = st->overflowed, untracked = st->untracked, series = st->series;
+    int err = 0;
+    for (size_t i = 0; i < st->nwarn && !err; i++) {
+        NameEnt *e = &st->names[st->warn[i]];
+        PyObject *s = PyUnicode_DecodeUTF8((const char *)e->name, (Py_ssize_t)e->nlen, "replace");
+        err = !s || PyList_Append(names, s) < 0;
+        Py_XDECREF(s);
+    }
+    if (!err) {
+        st->overflowed = st->untracked = 0;
+        st->nwarn = 0;
+    }
+    PyThread_release_lock(st->lock);
+    if (err) {
+        Py_DECREF(names);
+        return NULL;
+    }
+    return Py_BuildValue("(KKKN)", (unsigned long long)over, (unsigned long long)untracked,
+                         (unsigned long long)series, names);
+}
+
+static PyMethodDef lim_methods[] = {
+    {"reset", (PyCFunction)lim_reset, METH_NOARGS, "Forget every metric name and attribute set (a new window)."},
+    {"take", (PyCFunction)lim_take, METH_NOARGS,
+     "take() -> (overflowed, untracked, series, names)\n\n"
+     "Points folded and points of untracked names since the last call, the sets tracked\n"
+     "now, and the names that began to overflow since the last call (each once a window)."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(lim_doc, "CardinalityState(limit, max_metrics, seed)\n--\n\n"
+                      "What the cardinality limit remembers in one window: per metric name, the 64-bit\n"
+                      "hashes of its attribute sets. Pass it to encode_metrics; thread-safe.");
+
+static PyTypeObject LimStateType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "stethoscope._native.CardinalityState",
+    .tp_basicsize = sizeof(LimState),
+    .tp_dealloc = (destructor)lim_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = lim_doc,
+    .tp_methods = lim_methods,
+    .tp_new = lim_new,
+};
+
+PyDoc_STRVAR(attrs_hash_doc, "attrs_hash(data, seed, /)\n--\n\n"
+                             "The seeded 64-bit hash the cardinality limit keys attribute maps by.");
+
+static PyObject *py_attrs_hash(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer view;
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "y*K:attrs_hash", &view, &seed))
+        return NULL;
+    uint64_t h = attrs_hash((const uint8_t *)view.buf, (size_t)view.len, (uint64_t)seed);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+/* ------------------------------------------------------------------------ */
 /* Python binding                                                            */
 
 PyDoc_STRVAR(encode_metrics_doc,
-             "encode_metrics(data, /)\n--\n\n"
+             "encode_metrics(data, limiter=None, /)\n--\n\n"
              "Encode an OTLP ExportMetricsServiceRequest as ClickHouse RowBinary.\n\n"
              "``data`` is any object supporting the buffer protocol. Returns\n"
              "``{kind: (rows, rowbinary_bytes)}`` for each metric kind with rows.\n"
+             "With a CardinalityState, points past its per-metric limit get the map\n"
+             "{otel.metric.overflow: true} instead of their attributes.\n"
              "Raises ValueError when ``data`` is not a valid request.");
 
-static PyObject *py_encode_metrics(PyObject *self, PyObject *arg)
+static PyObject *py_encode_metrics(PyObject *self, PyObject *args)
 {
     (void)self;
+    PyObject *arg, *limiter = Py_None;
+    if (!PyArg_UnpackTuple(args, "encode_metrics", 1, 2, &arg, &limiter))
+        return NULL;
+    if (limiter != Py_None && !PyObject_TypeCheck(limiter, &LimStateType)) {
+        PyErr_Format(PyExc_TypeError, "limiter must be a stethoscope._native.CardinalityState or None, not %.100s",
+                     Py_TYPE(limiter)->tp_name);
+        return NULL;
+    }
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -2102,6 +2599,7 @@ static PyObject *py_encode_metrics(PyObject *self, PyObject *arg)
     }
     c->data = (const uint8_t *)view.buf;
     c->size = (size_t)view.len;
+    c->lim = limiter == Py_None ? NULL : (LimState *)limiter;
     int rc;
     if (c->size >= 4096) {
         Py_BEGIN_ALLOW_THREADS
@@ -2145,7 +2643,8 @@ done:
 }
 
 static PyMethodDef native_methods[] = {
-    {"encode_metrics", (PyCFunction)py_encode_metrics, METH_O, encode_metrics_doc},
+    {"encode_metrics", (PyCFunction)py_encode_metrics, METH_VARARGS, encode_metrics_doc},
+    {"attrs_hash", (PyCFunction)py_attrs_hash, METH_VARARGS, attrs_hash_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2167,5 +2666,16 @@ PyMODINIT_FUNC PyInit__native(void)
     if (!c_numeric_locale)
         c_numeric_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
 #endif
-    return PyModule_Create(&native_module);
+    if (PyType_Ready(&LimStateType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&LimStateType);
+    if (PyModule_AddObject(m, "CardinalityState", (PyObject *)&LimStateType) < 0) {
+        Py_DECREF(&LimStateType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -18,6 +18,12 @@ Collector's ClickHouse exporter where it has one):
 * A number point's value is ``as_double``, else ``as_int`` as a double, else 0.
   Absent optional ``sum``/``min``/``max`` are written as 0.
 * Trace and span ids are lowercase hex (empty when absent).
+
+With a :class:`CardinalityState` (the C module has one of its own), points of a
+metric name past its limit get the map ``{otel.metric.overflow: "true"}``
+instead of their attributes; :mod:`stethoscope.exporters.cardinality` has the
+rules. Attribute sets are told apart by :func:`attrs_hash` of their encoded map,
+so two spellings of one set (key order, repeated keys) are one set.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from __future__ import annotations
 import base64
 import math
 import struct
+import threading
 
-__all__ = ["encode_metrics", "any_value_to_str", "attr_map", "rb_string", "varint"]
+__all__ = ["encode_metrics", "any_value_to_str", "attr_map", "rb_string", "varint", "attrs_hash", "CardinalityState"]
 
 _pack_q = struct.Struct("<q").pack
 _pack_Q = struct.Struct("<Q").pack
@@ -188,11 +195,118 @@ def _f64_array(values) -> bytes:
     return _varint(len(values)) + b"".join(_pack_d(x) for x in values)
 
 
-def encode_metrics(data: bytes) -> dict[str, tuple[int, bytes]]:
+_M64 = (1 << 64) - 1
+_iter_QQ = struct.Struct("<QQ").iter_unpack
+
+
+def _mum(a: int, b: int) -> int:
+    p = a * b
+    return (p ^ (p >> 64)) & _M64
+
+
+def attrs_hash(data: bytes, seed: int) -> int:
+    """The seeded 64-bit hash the cardinality limit keys attribute maps (and names) by; never 0.
+
+    Block ``k`` of 16 bytes goes into lane ``k % 2``; each block is folded in
+    with a 64x64->128-bit multiply whose halves are xor-ed. A partial last
+    block is the last 16 bytes of the data (overlapping the one before), or
+    the data zero-padded when it is shorter than 16 bytes. The length goes in
+    first and last.
+
+    >>> attrs_hash(b"\\x00", 7) == attrs_hash(b"\\x00", 7) != attrs_hash(b"\\x00", 8)
+    True
+    """
+    n = len(data)
+    lanes = [(seed ^ (n * 0x9E3779B97F4A7C15)) & _M64, seed ^ 0x1D8E4E27C47D124F]
+    s2 = seed ^ 0xE7037ED1A0B428DB
+    blocks = data[: n - n % 16]
+    if n % 16:
+        blocks += data[-16:] if n >= 16 else data + bytes(16 - n)
+    for k, (x, y) in enumerate(_iter_QQ(blocks)):
+        lanes[k & 1] = _mum(x ^ lanes[k & 1] ^ 0xA0761D6478BD642F, y ^ s2)
+    h = _mum(lanes[0] ^ 0x8EBC6AF09C88C6E3, lanes[1] ^ n ^ 0x589965CC75374CC3)
+    return h or 1
+
+
+#: The map every overflowing point gets: ``{otel.metric.overflow: "true"}``.
+OVERFLOW_MAP = _map([(b"otel.metric.overflow", b"true")])
+
+
+class CardinalityState:
+    """What the cardinality limit remembers in one window (the twin of the C module's type; thread-safe).
+
+    Per metric name (at most ``max_metrics``), the :func:`attrs_hash` of up to
+    ``limit - 1`` attribute maps. Pass it to :func:`encode_metrics`.
+    """
+
+    def __init__(self, limit: int, max_metrics: int, seed: int) -> None:
+        if limit < 2:
+            raise ValueError(f"cardinality limit must be 2 or more, got {limit}")
+        if not 1 <= max_metrics <= 1 << 24:
+            raise ValueError(f"max_metrics must be between 1 and 16777216, got {max_metrics}")
+        self._room = limit - 1
+        self._max_metrics = max_metrics
+        self.seed = seed & _M64
+        self._lock = threading.Lock()
+        self._names: dict[bytes, set[int]] = {}
+        self._warned: set[bytes] = set()
+        self._new_warned: list[bytes] = []
+        self._series = self._overflowed = self._untracked = 0
+
+    def reset(self) -> None:
+        """Forget every metric name and attribute set (a new window)."""
+        with self._lock:
+            self._names.clear()
+            self._warned.clear()
+            self._new_warned.clear()
+            self._series = 0
+
+    def take(self) -> tuple[int, int, int, list[str]]:
+        """Points folded and points of untracked names since the last call, the sets tracked now,
+        and the names that began to overflow since the last call (each once a window)."""
+        with self._lock:
+            out = (self._overflowed, self._untracked, self._series,
+                   [n.decode("utf-8", "replace") for n in self._new_warned])
+            self._overflowed = self._untracked = 0
+            self._new_warned.clear()
+        return out
+
+    def _decide(self, name: bytes, hashes: list[int]) -> list[int]:
+        """Indexes (into ``hashes``) of the points of one metric past the limit."""
+        over: list[int] = []
+        with self._lock:
+            sets = self._names.get(name)
+            if sets is None:
+                if len(self._names) >= self._max_metrics:
+                    self._untracked += len(hashes)
+                    return over
+                sets = self._names[name] = set()
+            for i, h in enumerate(hashes):
+                if h in sets:
+                    continue
+                if len(sets) < self._room:
+                    sets.add(h)
+                    self._series += 1
+                else:
+                    over.append(i)
+            if over:
+                self._overflowed += len(over)
+                if name not in self._warned:
+                    self._warned.add(name)
+                    self._new_warned.append(name)
+        return over
+
+
+def encode_metrics(data: bytes, limiter: CardinalityState | None = None) -> dict[str, tuple[int, bytes]]:
     """Encode an ``ExportMetricsServiceRequest`` as RowBinary, per metric kind.
 
+    With ``limiter``, points past its per-metric limit get :data:`OVERFLOW_MAP`.
     Raises :class:`ValueError` when ``data`` is not a valid request.
     """
+    if limiter is not None and not isinstance(limiter, CardinalityState):
+        raise TypeError(
+            f"limiter must be a stethoscope.native.otlp_rowbinary.CardinalityState or None, not {type(limiter).__name__}"
+        )
     from google.protobuf.message import DecodeError as _PbDecodeError
     from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
         ExportMetricsServiceRequest,
@@ -203,6 +317,7 @@ def encode_metrics(data: bytes) -> dict[str, tuple[int, bytes]]:
     except (_PbDecodeError, RecursionError) as exc:
         raise ValueError(f"invalid OTLP metrics protobuf: {exc}") from exc
     out: dict[str, list] = {}
+    memo: dict[bytes, int] = {}  # attrs_hash of the maps seen in this request (a set recurs point after point)
     for rm in req.resource_metrics:
         res_items = _attr_items(rm.resource.attributes)
         service = dict(res_items).get(b"service.name", b"")
@@ -231,10 +346,14 @@ def encode_metrics(data: bytes) -> dict[str, tuple[int, bytes]]:
                 body = getattr(m, kind)
                 rows = out.setdefault(kind, [0, []])
                 chunks = rows[1]
+                noted: list[int] = []  # where the maps of this metric's points are in chunks
                 for dp in body.data_points:
                     rows[0] += 1
                     chunks.append(head)
-                    chunks.append(_attrs(dp.attributes))
+                    amap = _attrs(dp.attributes)
+                    if limiter is not None and amap != OVERFLOW_MAP:
+                        noted.append(len(chunks))
+                    chunks.append(amap)
                     chunks.append(_pack_Q(dp.start_time_unix_nano) + _pack_Q(dp.time_unix_nano))
                     if kind == "gauge" or kind == "sum":
                         chunks.append(_pack_d(_number_value(dp)) + _pack_I(dp.flags))
@@ -281,4 +400,13 @@ def encode_metrics(data: bytes) -> dict[str, tuple[int, bytes]]:
                             + _f64_array([x.value for x in q])
                             + _pack_I(dp.flags)
                         )
+                if noted:
+                    hashes = []
+                    for j in noted:
+                        h = memo.get(chunks[j])
+                        if h is None:
+                            h = memo[chunks[j]] = attrs_hash(chunks[j], limiter.seed)
+                        hashes.append(h)
+                    for i in limiter._decide(m.name.encode("utf-8"), hashes):
+                        chunks[noted[i]] = OVERFLOW_MAP
     return {k: (v[0], b"".join(v[1])) for k, v in out.items() if v[0]}

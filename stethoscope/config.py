@@ -203,9 +203,9 @@ class CollectorConfig:
         1.0, "Sampled rows per second per model stream unless overridden on /v1/sampling.", _non_negative
     )
     cardinality_limit: int = _setting(
-        0,
-        "Series per metric name and hour (the OpenTelemetry SDK default is 2000): points with further attribute "
-        "sets are stored with otel.metric.overflow=true only. 0 turns the limit off; see docs/security.md for its cost.",
+        2000,
+        "Series per metric name and hour (2000, the OpenTelemetry SDK default): points with further attribute "
+        "sets are stored with otel.metric.overflow=true only. 0 turns the limit off; docs/security.md has its cost.",
         lambda v: None if v == 0 or v >= 2 else f"must be 0 (off) or 2 or more, got {v}",
     )
 

@@ -606,6 +606,61 @@ def test_property_native_matches_twin(req):
     assert_same(req.SerializeToString())
 
 
+def test_twin_doctests():
+    import doctest
+
+    assert doctest.testmod(twin).failed == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=100), st.integers(0, 2**64 - 1))
+def test_attrs_hash_native_matches_twin(data, seed):
+    assert _native().attrs_hash(data, seed) == twin.attrs_hash(data, seed) != 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(), st.integers(2, 4), st.integers(1, 3), st.integers(0, 2**64 - 1))
+def test_property_limited_native_matches_twin(req, limit, max_metrics, seed):
+    """With a cardinality limit, both encoders fold the same points the same way, request after request."""
+    data = req.SerializeToString()
+    mine = _native().CardinalityState(limit, max_metrics, seed)
+    theirs = twin.CardinalityState(limit, max_metrics, seed)
+    for _ in range(2):
+        expected = twin.encode_metrics(data, theirs)
+        got = _native().encode_metrics(data, mine)
+        assert list(got) == list(expected)
+        for kind in expected:
+            assert got[kind] == expected[kind], kind
+        assert mine.take() == theirs.take()
+    unlimited = twin.encode_metrics(data)
+    assert {k: v[0] for k, v in unlimited.items()} == {k: v[0] for k, v in expected.items()}  # rows never dropped
+
+
+def test_limited_state_reset_and_errors(native):
+    req = ExportMetricsServiceRequest()
+    m = req.resource_metrics.add().scope_metrics.add().metrics.add(name="m")
+    for i in range(5):
+        m.gauge.data_points.add(as_int=i).attributes.append(kv("k", int_value=i))
+    data = req.SerializeToString()
+    for mod in (native, twin):
+        state = mod.CardinalityState(3, 10, 1)
+        first = mod.encode_metrics(data, state)
+        assert first["gauge"][1].count(b"otel.metric.overflow") == 3
+        assert state.take() == (3, 0, 2, ["m"])
+        assert mod.encode_metrics(data, state) == first and state.take() == (3, 0, 2, [])  # warned once
+        state.reset()
+        assert state.take() == (0, 0, 0, []) and mod.encode_metrics(data, state) == first
+        assert state.take()[3] == ["m"]  # a new window warns again
+        with pytest.raises(ValueError, match="2 or more"):
+            mod.CardinalityState(1, 10, 1)
+        with pytest.raises(ValueError, match="max_metrics"):
+            mod.CardinalityState(2, 0, 1)
+        with pytest.raises(TypeError):
+            mod.encode_metrics(data, "not a state")
+    with pytest.raises(TypeError):
+        native.encode_metrics(data, twin.CardinalityState(3, 10, 1))  # each encoder takes its own state
+
+
 def _check_no_crash(data: bytes) -> None:
     try:
         result = _native().encode_metrics(data)
@@ -646,6 +701,20 @@ def _mutated(draw):
 @given(_mutated())
 def test_fuzz_mutated_requests(data):
     _check_no_crash(data)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_mutated())
+def test_fuzz_mutated_requests_with_a_limit(data):
+    state = _native().CardinalityState(2, 2, 99)
+    for _ in range(2):
+        try:
+            result = _native().encode_metrics(data, state)
+        except ValueError:
+            return
+        assert isinstance(result, dict)
+    overflowed, untracked, series, names = state.take()
+    assert series <= 2 and overflowed >= 0 and untracked >= 0 and len(names) <= 2
 
 
 def test_fuzz_many_mutations_seeded(native):
