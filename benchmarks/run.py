@@ -22,6 +22,7 @@ BENCHMARKS = {
     "cardinality": "benchmarks.cardinality",
     "faults": "benchmarks.faults",
     "memory": "benchmarks.memory",
+    "store_check": "benchmarks.store_check",
 }
 
 

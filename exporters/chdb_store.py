@@ -5,6 +5,18 @@ opened with ``readonly=1`` serves queries, so a slow dashboard query never holds
 up ingestion and read-only SQL cannot write, change settings or reach files.
 
 chDB allows one data directory per process at a time.
+
+chDB 4.4 returns from an INSERT as if it had succeeded when the disk under the
+data directory is full: no part is written, and the failure only shows as a
+rising counter in ``system.errors`` (``NOT_ENOUGH_SPACE``: "Cannot reserve ...
+not enough space"). So after every insert the counters of the errors that mean
+"could not write to disk" (:data:`WRITE_FAILURES`) are read again, and a rise
+turns into a :class:`~stethoscope.errors.StoreUnavailable` naming the directory.
+The collector then keeps the batch and retries it under the same
+deduplication token (:mod:`.ingest`), so a failure blamed on an insert that
+did in fact write (a background merge that ran out of space in between, say)
+stores nothing twice. The check is one small query per insert
+(docs/benchmarks.md, "Cardinality limiter" section, has its cost).
 """
 
 from __future__ import annotations
@@ -16,12 +28,30 @@ import threading
 from pathlib import Path
 
 from stethoscope._extras import require
-from stethoscope.errors import StoreError
+from stethoscope.errors import StoreError, StoreUnavailable
 
 from .schema import SchemaOptions, quote_ident
 from .store import QueryResult, Store, parse_clickhouse_error
 
-__all__ = ["ChdbStore"]
+__all__ = ["ChdbStore", "WRITE_FAILURES"]
+
+#: ClickHouse error names that, counted in ``system.errors`` during an insert,
+#: mean it could not write its data (memory errors are left out: read queries
+#: on other connections raise those too).
+WRITE_FAILURES = (
+    "NOT_ENOUGH_SPACE",
+    "CANNOT_WRITE_TO_FILE_DESCRIPTOR",
+    "CANNOT_WRITE_TO_OSTREAM",
+    "CANNOT_FSYNC",
+    "CANNOT_TRUNCATE_FILE",
+    "CANNOT_CREATE_DIRECTORY",
+    "CANNOT_CLOSE_FILE",
+)
+_WRITE_FAILURES_SQL = (
+    "SELECT name, sum(value), argMax(last_error_message, last_error_time) FROM system.errors WHERE name IN ("
+    + ", ".join(f"'{n}'" for n in WRITE_FAILURES)
+    + ") GROUP BY name"
+)
 
 
 class ChdbStore(Store):
@@ -63,6 +93,8 @@ class ChdbStore(Store):
         self.execute(f"CREATE DATABASE IF NOT EXISTS {quote_ident(self.database)}")
         for conn in self._all:
             conn.query(f"USE {quote_ident(self.database)}")
+        with self._rw_lock:
+            self._write_errors = self._read_write_errors()[0]
 
     def _close_all(self) -> None:
         for conn in getattr(self, "_all", []):
@@ -128,7 +160,41 @@ class ChdbStore(Store):
                     raise
             except Exception as exc:
                 raise self._error(exc, "insert failed") from exc
+            self._check_written()
         return int(result.rows_written)
+
+    def _read_write_errors(self) -> tuple[dict[str, int], dict[str, str]]:
+        """The counters of :data:`WRITE_FAILURES` in ``system.errors``, and their last messages."""
+        try:
+            res = self._rw.query(_WRITE_FAILURES_SQL, "TabSeparated")
+        except Exception as exc:
+            raise self._error(exc, "cannot read system.errors after an insert") from exc
+        counts: dict[str, int] = {}
+        messages: dict[str, str] = {}
+        for line in res.bytes().decode("utf-8", "replace").splitlines():
+            name, value, message = (line.split("\t", 2) + ["", ""])[:3]
+            counts[name] = int(value)
+            messages[name] = message.replace("\\n", " ").replace("\\t", " ").replace("\\'", "'")
+        return counts, messages
+
+    def _check_written(self) -> None:
+        """Raise if a write failure was counted since the last check (call with the write lock held)."""
+        counts, messages = self._read_write_errors()
+        risen = sorted(n for n, v in counts.items() if v > self._write_errors.get(n, 0))
+        self._write_errors = counts
+        if not risen:
+            return
+        try:
+            st = os.statvfs(self.path)
+            free = f"{st.f_bavail * st.f_frsize} bytes free there"
+        except OSError as exc:
+            free = f"its free space is unknown ({exc.strerror})"
+        detail = "; ".join(f"{n}: {messages.get(n, '')[:300]}" for n in risen)
+        raise StoreUnavailable(  # a full disk passes: the collector keeps the batch and retries it
+            f"insert failed: chDB could not write under {self.path} ({detail}); {free}. "
+            "Its rows are not stored (chDB reports such inserts as done): free disk space or move store.data_dir",
+            code=243 if "NOT_ENOUGH_SPACE" in risen else None,
+        )
 
     def close(self) -> None:
         if not self._closed:

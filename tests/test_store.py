@@ -227,6 +227,31 @@ def test_bad_insert_raises_and_writes_nothing(store):
     assert store.query("SELECT count() FROM otel_logs", "TabSeparated").data == b"0\n"
 
 
+def test_full_disk_insert_raises_naming_the_directory_and_stores_nothing(tmp_path):
+    """chDB 4.4 reports an insert on a full disk as done; the store must not."""
+    from test_faults import fill, tmpfs
+
+    data = b"".join(
+        b"\x00\x00" + bytes([1]) + b"\x01k" + bytes([1]) + bytes([48 + i % 10]) for i in range(2000)
+    )
+    cols = ("SeverityText", "SeverityNumber", "LogAttributes")
+    with tmpfs(tmp_path / "fs", "48m") as fs:
+        st = ChdbStore(fs / "data")
+        try:
+            st.ensure_schema()
+            assert st.insert("otel_logs", cols, data, token="before") == 2000
+            filler = fill(fs)
+            with pytest.raises(StoreError, match="could not write under " + str(fs / "data")) as info:
+                st.insert("otel_logs", cols, data, token="full")
+            assert info.value.code == 243 and "NOT_ENOUGH_SPACE" in str(info.value)
+            assert st.query("SELECT count() FROM otel_logs", "TabSeparated").data == b"2000\n"
+            filler.unlink()
+            assert st.insert("otel_logs", cols, data, token="full") == 2000  # the retry, with space again
+            assert st.query("SELECT count() FROM otel_logs", "TabSeparated").data == b"4000\n"
+        finally:
+            st.close()
+
+
 def test_readonly_queries_cannot_write(store):
     with pytest.raises(StoreError) as info:
         store.query("INSERT INTO otel_logs (Body) VALUES ('x')")
