@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
 
-from conftest import free_port
+from conftest import free_port, make_service
 from stethoscope.agents.sdk import (
     AdaptiveSampler,
     InMemoryExporter,
@@ -35,6 +37,8 @@ from stethoscope.agents.sdk.consistent import (
 from stethoscope.agents.sdk.remote import RemoteSampling, StreamOverride, parse_sampling_document
 from stethoscope.agents.sdk.uncertainty import uncertainty_many
 from stethoscope.errors import ConfigError
+from test_auth import TOKENS, write_tokens
+from test_tls import pki  # noqa: F401  (the module-scoped CA and certificates fixture)
 
 N_EVENTS = 1_000_000
 P = 0.01
@@ -391,3 +395,39 @@ def test_poller_uses_etags_and_never_raises():
         srv.close()
     assert SamplingConfigPoller(f"http://127.0.0.1:{free_port()}", "svc", timeout_s=1).poll() is None
     assert SamplingConfigPoller("http://256.256.256.256:1", "svc", timeout_s=0.2).poll() is None
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl binary makes the test certificates")
+def test_poller_reads_a_tls_and_token_collector(tmp_path, pki, caplog):
+    """Against ``up`` with TLS and bearer tokens: the poller's own options, then the OTLP exporter's variables."""
+    caplog.set_level(logging.INFO, logger="stethoscope.agents.sdk")
+    svc = make_service(tmp_path, **{"tls.cert_file": pki["server.pem"], "tls.key_file": pki["server.key"],
+                                    "auth.tokens_file": write_tokens(tmp_path / "tokens.toml")})
+    try:
+        endpoint = f"https://127.0.0.1:{svc.otlp.port}"
+        agent_token = TOKENS["agent"][0]
+        ok = SamplingConfigPoller(endpoint, "svc", token=agent_token, ca_file=pki["ca.pem"], environ={})
+        doc = ok.poll()
+        assert doc is not None and doc.version >= 0 and doc.default_target_rows_per_s is not None
+        assert ok.poll() is None and ok.not_modified == 1 and ok.failures == 0  # the ETag works over TLS too
+
+        no_token = SamplingConfigPoller(endpoint, "svc", ca_file=pki["ca.pem"], environ={})
+        wrong_ca = SamplingConfigPoller(endpoint, "svc", token=agent_token, ca_file=pki["stranger.pem"], environ={})
+        assert no_token.poll() is None and no_token.failures == 1
+        assert wrong_ca.poll() is None and wrong_ca.failures == 1
+        assert "HTTP 401" in caplog.text and "CERTIFICATE_VERIFY_FAILED" in caplog.text
+        assert agent_token not in caplog.text
+
+        env = {"OTEL_EXPORTER_OTLP_HEADERS": f"Authorization=Bearer%20{agent_token}",
+               "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE": pki["ca.pem"]}
+        assert SamplingConfigPoller(endpoint, "svc", environ=env).poll() is not None
+        mon = ModelMonitor("polled", feature_names=1, endpoint=endpoint, start=False, environ=env,
+                           metric_exporter=InMemoryExporter(), log_exporter=InMemoryLogRecordExporter())
+        try:
+            assert mon._poller is not None and mon._poller.poll() is not None  # the monitor's own poller
+        finally:
+            mon.close()
+        with pytest.raises(ValueError, match="cannot load the CA file"):
+            SamplingConfigPoller(endpoint, "svc", ca_file=str(tmp_path / "missing.pem"), environ={})
+    finally:
+        svc.stop()

@@ -119,6 +119,10 @@ class ModelMonitor:
     the signature is keyword-only and validated with the rest; a
     :class:`~stethoscope.errors.ConfigError` lists every problem at once.
 
+    ``environ`` (default :data:`os.environ`) is read for resource attributes and,
+    by the sampling poller, for the OTLP exporter's ``OTEL_EXPORTER_OTLP_HEADERS``
+    and ``..._CERTIFICATE`` variables when ``headers`` gives no credentials.
+
     ``start=False`` runs no background thread: call :meth:`flush` yourself.
     ``metric_exporter``/``log_exporter`` replace the OTLP exporters (tests).
     """
@@ -222,7 +226,7 @@ class ModelMonitor:
             metric_exporter=metric_exporter, log_exporter=log_exporter,
         )
         self._poller = (SamplingConfigPoller(settings.endpoint, self.service_name, timeout_s=min(5.0, timeout_s),
-                                             headers=settings.headers)
+                                             headers=settings.headers, environ=environ)
                         if settings.sampling.remote else None)
         self._dropped_exported: dict[str, int] = {}
         self._closed = False

@@ -11,6 +11,18 @@ The collector answers with a JSON document::
 error, a timeout or a malformed document all mean "keep what you have": the
 poller returns ``None`` and never raises (problems are logged once per kind).
 
+Authentication and TLS work as for the SDK's OTLP exporters and the agent's
+sender (:mod:`stethoscope.agents.delivery`): ``token`` is sent as
+``Authorization: Bearer`` (the collector lets any ``ingest`` or ``read`` token
+read the document), ``ca_file`` verifies an ``https`` collector, with
+``client_cert_file``/``client_key_file`` for mutual TLS. When not given they
+fall back to ``OTEL_EXPORTER_OTLP_[METRICS_]HEADERS``,
+``OTEL_EXPORTER_OTLP_[METRICS_]CERTIFICATE``,
+``OTEL_EXPORTER_OTLP_[METRICS_]CLIENT_CERTIFICATE`` and ``..._CLIENT_KEY``,
+the variables the metrics exporter reads, so a monitor configured through the
+environment polls with the credentials it exports with. A 401 or 403 is logged
+once by status (never the token) and the local settings stay.
+
 Examples:
     >>> doc = {"version": 2, "streams": {"m/default": {"target_rows_per_s": 3, "boost": 2,
     ...        "expires_at": "2030-01-01T00:00:00Z", "reason": "drift"}}}
@@ -26,6 +38,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +48,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 from typing import Any
+
+from ..delivery import bearer_headers, client_tls_context, env_headers
 
 __all__ = ["RemoteSampling", "SamplingConfigPoller", "StreamOverride", "parse_sampling_document", "SAMPLING_PATH"]
 
@@ -109,15 +125,45 @@ def parse_sampling_document(doc: Any) -> RemoteSampling:
     )
 
 
+def _env(environ: Mapping[str, str], name: str) -> str:
+    return environ.get(f"OTEL_EXPORTER_OTLP_METRICS_{name}") or environ.get(f"OTEL_EXPORTER_OTLP_{name}") or ""
+
+
 class SamplingConfigPoller:
     """Polls the sampling endpoint with ``If-None-Match``; :meth:`poll` never raises."""
 
-    def __init__(self, endpoint: str, service: str, *, timeout_s: float = 5.0,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        service: str,
+        *,
+        timeout_s: float = 5.0,
+        headers: Mapping[str, str] | None = None,
+        token: str | None = None,
+        ca_file: str | None = None,
+        client_cert_file: str | None = None,
+        client_key_file: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """Raises ``ValueError`` naming a CA or client certificate file that cannot be loaded."""
         query = urllib.parse.urlencode({"service": service})
         self.url = f"{endpoint.rstrip('/')}{SAMPLING_PATH}?{query}"
         self.timeout_s = timeout_s
-        self._headers = dict(headers or {})
+        environ = os.environ if environ is None else environ
+        if not headers and not token:
+            headers = env_headers(environ, "METRICS")
+        self._headers = {**dict(headers or {}), **bearer_headers(token)}
+        self._tls: ssl.SSLContext | None = None
+        if self.url.startswith("https://"):
+            ca = ca_file if ca_file is not None else _env(environ, "CERTIFICATE")
+            try:
+                self._tls = client_tls_context(
+                    ca,
+                    client_cert_file if client_cert_file is not None else _env(environ, "CLIENT_CERTIFICATE"),
+                    client_key_file if client_key_file is not None else _env(environ, "CLIENT_KEY"),
+                )
+            except (OSError, ssl.SSLError) as exc:  # a CA bundle that will not load
+                raise ValueError(f"sampling config poller: cannot load the CA file {ca}: {exc}") from exc
         self._etag: str | None = None
         self._logged: set[str] = set()
         self.polls = 0
@@ -138,7 +184,7 @@ class SamplingConfigPoller:
             headers["If-None-Match"] = self._etag
         request = urllib.request.Request(self.url, headers=headers, method="GET")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self._tls) as resp:
                 body = resp.read(1 << 20)
                 etag = resp.headers.get("ETag")
         except urllib.error.HTTPError as exc:
