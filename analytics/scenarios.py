@@ -10,8 +10,13 @@ exports (``time``, ``job``, ``rank``, ``node``, ``gpu``, ``step``, ``loss``,
 ==================  ==========================================================
 ``clean``           nothing happens (the loss decays towards a floor)
 ``nan``             NaN loss and gradient norm on one rank for one step
-``loss_spike``      the loss of one rank is ``magnitude`` sigma (default 3) above
-                    its trend for three steps, then half that for one
+``loss_spike``      the loss of every rank rises ``magnitude`` sigma (default 3;
+                    sigma = ``loss_sigma``, one rank's noise) for three steps, then
+                    half that for one: what a divergence or a bad batch does to a
+                    data-parallel job, whose ranks share their weights
+``rank_spike``      the same rise on one rank alone (a bad shard, noise): not a
+                    job's loss spike, so it has no label (any ``loss_spike`` alarm
+                    is false)
 ``gradient_explosion``  the gradient norm of one rank grows ``magnitude`` times
 ``slow_rank``       one rank computes ``magnitude`` (default 0.10) slower from
                     the onset; the others wait for it in ``comm``
@@ -35,8 +40,8 @@ Everything else at ``warning`` or above is a false alarm.
 Examples
 --------
 >>> run = training_run("nan", seed=1, steps=400, world_size=2, rank=1)
->>> [(i.kind, i.subject) for i in run.incidents]
-[('training_nan', 'job=job0 rank=1 node=node0 gpu=1')]
+>>> [(i.kind, i.subject, i.details["rank"]) for i in run.incidents]
+[('training_nan', 'job=job0', 1)]
 >>> len(run.observations)
 800
 """
@@ -56,7 +61,8 @@ from .findings import SEVERITIES, Finding
 __all__ = ["KINDS", "Evaluation", "Incident", "KindScore", "Scenario", "evaluate", "training_run"]
 
 #: Scenario kinds :func:`training_run` generates.
-KINDS = ("clean", "nan", "loss_spike", "gradient_explosion", "slow_rank", "input_stall", "plateau", "hung")
+KINDS = ("clean", "nan", "loss_spike", "rank_spike", "gradient_explosion", "slow_rank", "input_stall", "plateau",
+         "hung")
 
 
 @dataclass(frozen=True)
@@ -235,9 +241,9 @@ def training_run(
     """Simulate one job of ``world_size`` ranks for ``steps`` steps with one kind of incident.
 
     ``onset`` is the incident's first step (default: random after ``warmup``);
-    ``count`` > 1 injects several ``nan``/``loss_spike``/``gradient_explosion``
+    ``count`` > 1 injects several ``nan``/``loss_spike``/``rank_spike``/``gradient_explosion``
     incidents at random steps (``onset`` then ignored). ``magnitude``: sigma of a
-    loss spike (3), growth of the gradient norm (5), slowdown of a slow rank
+    loss spike (3), added to each rank's noisy loss, growth of the gradient norm (5), slowdown of a slow rank
     (0.10), data-wait share reached by an input stall (0.75). ``step_time_s`` is the
     nominal step time; ``time_noise`` the relative noise of each phase.
     """
@@ -252,7 +258,7 @@ def training_run(
     gpus = [str(r % 8) for r in range(W)]
     subj = [subject(job=job, rank=r, node=nodes[r], gpu=gpus[r]) for r in range(W)]
     warm = min(warmup, S // 3)
-    if kind in ("nan", "loss_spike", "gradient_explosion") and count > 1:
+    if kind in ("nan", "loss_spike", "rank_spike", "gradient_explosion") and count > 1:
         onsets = _incident_steps(rng, S, count, warm, gap=max(50, (S - warm) // (2 * count)))
     else:
         onsets = [int(onset) if onset is not None else int(rng.integers(warm, max(warm + 1, S - S // 4)))]
@@ -281,12 +287,13 @@ def training_run(
     if kind == "nan":
         for o in onsets:
             nan_mask[o, victim] = True
-    elif kind == "loss_spike":
+    elif kind in ("loss_spike", "rank_spike"):
         k = 3.0 if m is None else float(m)
+        who = slice(None) if kind == "loss_spike" else victim
         for o in onsets:
             for j, f in enumerate((1.0, 1.0, 1.0, 0.5)):
                 if o + j < S:
-                    loss[o + j, victim] = trend[o + j] + k * loss_sigma * f * (1.0 + 0.05 * abs(rng.normal()))
+                    loss[o + j, who] += k * loss_sigma * f
     elif kind == "gradient_explosion":
         g = 5.0 if m is None else float(m)
         for o in onsets:
@@ -333,13 +340,14 @@ def training_run(
             })
     job_subj = subject(job=job)
     if kind == "nan":
-        incidents = [Incident("training_nan", subj[victim], t_at(o), o) for o in onsets]
+        # labelled with the job: TrainingAnalyzer reports these once per job, naming the rank in details
+        incidents = [Incident("training_nan", job_subj, t_at(o), o, details={"rank": victim}) for o in onsets]
     elif kind == "loss_spike":
-        incidents = [Incident("loss_spike", subj[victim], t_at(o), o, details={"sigma": 3.0 if m is None else m})
+        incidents = [Incident("loss_spike", job_subj, t_at(o), o, details={"sigma": 3.0 if m is None else m})
                      for o in onsets]
     elif kind == "gradient_explosion":
-        incidents = [Incident("gradient_explosion", subj[victim], t_at(o), o, also=("loss_spike",))
-                     for o in onsets]
+        incidents = [Incident("gradient_explosion", job_subj, t_at(o), o, also=("loss_spike",),
+                              details={"rank": victim}) for o in onsets]
     elif kind == "slow_rank":
         incidents = [Incident("straggler_rank", subj[victim], t_at(first), first,
                               also=("throughput_regression", "phase_shift"), also_subject=job_subj,

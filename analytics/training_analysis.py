@@ -107,7 +107,9 @@ class TrainingAnalyzer:
         every rank at the same step: one page for the job, not one per rank. The first
         rank's finding becomes the job's (subject ``job=J``, the rank, node and GPU in
         ``details``); the same kind on other ranks within ``coalesce_steps`` steps of the
-        last one reported is folded into it (counted in :attr:`folded`).
+        last one reported is folded into it (counted in :attr:`folded`). A detector that
+        judges the job itself (``loss_spike``) already reports with subject ``job=J`` and
+        names the rank in its details; its findings are only folded the same way.
         """
         if f.kind not in JOB_EVENTS or f.severity == "info":
             return f
@@ -123,6 +125,8 @@ class TrainingAnalyzer:
             self.folded[f.kind] = self.folded.get(f.kind, 0) + 1
             return None
         self._last_event[key] = step
+        if "rank" not in parts:  # already the job's finding
+            return f
         first = {k: parts[k] for k in ("rank", "node", "gpu") if k in parts}
         return replace(f, subject=f"job={job}",
                        details={**f.details, "first_rank_subject": f.subject,
@@ -135,7 +139,17 @@ class TrainingAnalyzer:
             tick = getattr(d, "tick", None)
             if tick is not None:
                 out.extend(tick(now))
-        return out
+        return [c for c in (self._coalesce(f) for f in out) if c is not None]
+
+    def flush(self) -> list[Finding]:
+        """Findings of the detectors that hold observations back (``loss_spike`` waits for every
+        rank of a step): what they judge when told the data have ended."""
+        out: list[Finding] = []
+        for d in self.detectors:
+            flush = getattr(d, "flush", None)
+            if flush is not None:
+                out.extend(flush())
+        return [c for c in (self._coalesce(f) for f in out) if c is not None]
 
     def reset(self) -> None:
         for d in self.detectors:
@@ -158,11 +172,13 @@ def _order(o: Any) -> tuple[float, float]:
 
 
 def analyze_steps(records: Iterable[Mapping[str, Any]], analyzer: TrainingAnalyzer | None = None) -> list[Finding]:
-    """Every finding over ``records`` (step observations, any order: sorted by time, then rank)."""
+    """Every finding over ``records`` (step observations, any order: sorted by time, then rank),
+    including those judged when the records end (:meth:`TrainingAnalyzer.flush`)."""
     analyzer = analyzer or TrainingAnalyzer()
     out: list[Finding] = []
     for obs in sorted(records, key=_order):
         out.extend(analyzer.update(obs))
+    out.extend(analyzer.flush())
     return out
 
 
@@ -348,6 +364,12 @@ class TrainingWatch:
     stamped at export time, and keeps the last finite value on the gauge; a
     ``training_nan`` finding from the store therefore names the latest step processed
     for that rank, the exact step lying within the export interval that ends there.
+
+    ``loss_spike`` judges a step once every rank of the job has sent it: a step whose
+    ranks arrive in different runs (the ranks export at different moments) waits
+    across runs, up to its own ``grace_s`` (60 s) measured by ``now``. A rank whose
+    points come more than this watch's ``grace_s`` behind the newest point is not read
+    at all, so keep that grace above the SDK's export interval.
     """
 
     name = "training"

@@ -7,6 +7,11 @@ then prints, per finding kind, recall, precision, time and steps to detect, and
 false alarms per day, plus the false alarms on clean runs and the throughput of each
 detector (observations per second, one core, a Python loop), against the CUSUM of
 :mod:`stethoscope.analytics.sequential` fed the same number of values as a peer.
+
+The loss-spike section runs ``LossSpike`` alone by job size (1 to 32 ranks): recall
+of 3-sigma spikes on every rank, steps to detect, alarms on spikes of one rank alone,
+and false alarms per job-day on clean runs over ``--spike-job-steps`` job-steps per
+size (2,000,000 by default for 4 ranks; see ``SIZES``).
 """
 
 from __future__ import annotations
@@ -29,12 +34,72 @@ from stethoscope.analytics.training_analysis import DEFAULT_DETECTORS, TrainingA
 INCIDENTS = {  # scenario kind -> (finding kind, generator options)
     "nan": ("training_nan", {"count": 5}),
     "loss_spike": ("loss_spike", {"count": 5, "magnitude": 3.0}),
+    "rank_spike": ("loss_spike", {"count": 5, "magnitude": 3.0}),
     "gradient_explosion": ("gradient_explosion", {"count": 5}),
     "slow_rank": ("straggler_rank", {"magnitude": 0.10}),
     "input_stall": ("input_bound", {}),
     "plateau": ("loss_plateau", {}),
     "hung": ("job_hung", {}),
 }
+
+
+#: Loss-spike section: ranks -> clean job-steps measured (at scale 1.0) and steps per simulated run.
+SIZES = {1: (500_000, 10_000), 2: (1_000_000, 10_000), 3: (500_000, 10_000), 4: (2_000_000, 10_000),
+         8: (1_000_000, 5_000), 32: (250_000, 2_500)}
+
+
+def _loss_spike_by_ranks(args) -> None:
+    """Recall, delay and false alarms of ``LossSpike`` alone, by the number of ranks of the job."""
+    from stethoscope.analytics.training import LossSpike
+
+    def alarms(det, run):
+        fs = [f for o in run.observations for f in det.update(o)] + det.flush()
+        return [f for f in fs if f.severity != "info"]
+
+    print("\nLoss spikes by job size (`LossSpike` alone, default settings): spikes of 3 sigma of one rank's noise "
+          f"lasting 3 steps, {args.runs} runs x {args.steps} steps x 5 spikes per size, on every rank (`loss_spike`) "
+          "or on one rank alone (`rank_spike`, no label); clean runs at 1 step/s:\n")
+    print("| ranks | recall, 3 sigma on every rank | within one step | steps to detect (median / max) "
+          "| alarms on a rank alone (per spike) | clean job-steps | false alarms | per job-day at 1 step/s "
+          "| 95% upper bound per day |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    rows = [(r, {}) for r in SIZES] + [(1, {"persistence": 3})]
+    for ranks, opts in rows:
+        fs, labels, alone, n_alone = [], [], 0, 0
+        for seed in range(args.runs):
+            run = training_run("loss_spike", seed=1000 + seed, steps=args.steps, world_size=ranks, job=f"s{seed}",
+                               count=5, magnitude=3.0)
+            fs += alarms(LossSpike(**opts), run)
+            labels += run.incidents
+            if ranks > 1:
+                run = training_run("rank_spike", seed=1000 + seed, steps=args.steps, world_size=ranks,
+                                   job=f"r{seed}", count=5, magnitude=3.0)
+                alone += len(alarms(LossSpike(**opts), run))
+                n_alone += 5
+        k = evaluate(fs, labels, 1.0).kinds["loss_spike"]
+        total, per_run = SIZES[ranks]
+        total = int(total * args.spike_job_steps) if not opts else int(total * args.spike_job_steps) // 2
+        fa, done, seed = 0, 0, 0
+        while done < total:
+            run = training_run("clean", seed=9000 + seed, steps=per_run, world_size=ranks, job=f"c{seed}")
+            fa += len(alarms(LossSpike(**opts), run))
+            done += per_run
+            seed += 1
+        days = done / 86400
+        upper = _poisson_upper(fa) / days
+        steps = f"{_pct(k.delays_steps, 50):.0f} / {max(k.delays_steps)}" if k.delays_steps else "-"
+        name = f"{ranks}" + (" (`persistence=3`)" if opts else "")
+        quick = sum(1 for d in k.delays_steps if d <= 1) / k.incidents
+        print(f"| {name} | {k.recall:.3f} | {quick:.3f} | {steps} | {f'{alone / n_alone:.3f}' if n_alone else '-'} "
+              f"| {done:,} "
+              f"| {fa} | {fa / days:.2f} | {upper:.2f} |")
+
+
+def _poisson_upper(k: int) -> float:
+    """One-sided 95% upper confidence bound of a Poisson mean after ``k`` events (exact, chi-square)."""
+    from scipy.stats import chi2
+
+    return float(chi2.ppf(0.95, 2 * (k + 1)) / 2)
 
 
 def _pct(values, q):
@@ -47,7 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3000, help="steps per incident run")
     ap.add_argument("--clean-runs", type=int, default=20, help="clean runs")
     ap.add_argument("--clean-steps", type=int, default=10000, help="steps per clean run")
+    ap.add_argument("--spike-job-steps", type=float, default=1.0,
+                    help="scale of the clean job-steps per job size in the loss-spike section (1.0: see SIZES)")
+    ap.add_argument("--only-loss-spike", action="store_true", help="run the loss-spike section alone")
+    ap.add_argument("--only-throughput", action="store_true", help="run the throughput table alone")
     args = ap.parse_args(argv)
+    if args.only_loss_spike:
+        _loss_spike_by_ranks(args)
+        return 0
+    if args.only_throughput:
+        _throughput()
+        return 0
 
     print(f"Scenarios: 4 ranks per job, 1 s nominal step, loss noise sigma 0.02, phase-time noise 2%; "
           f"{args.runs} runs x {args.steps} steps per incident kind, {args.clean_runs} clean runs x "
@@ -64,12 +139,20 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             for o in run.observations:
                 findings += an.update(o)
+            findings += an.flush()
             t_total += time.perf_counter() - t0
             n_obs += len(run.observations)
             labels += run.incidents
             dur += run.duration_s
         ev = evaluate(findings, labels, dur)
-        k = ev.kinds[kind]
+        k = ev.kinds.get(kind)
+        if not labels:  # nothing labelled (a rise on one rank alone): every alarm of the kind is false
+            fa = k.false_alarms if k else 0
+            other = ", ".join(f"{n}: {s.false_alarms}" for n, s in sorted(ev.kinds.items()) if n != kind
+                              and s.false_alarms)
+            print(f"| {scen} | {kind} (none expected) | 0 | - | - | - | - | {kind}: {fa}"
+                  f"{', ' + other if other else ''} |")
+            continue
         other = ", ".join(f"{n}: {s.false_alarms}" for n, s in sorted(ev.kinds.items()) if n != kind and s.false_alarms)
         steps = f"{_pct(k.delays_steps, 50):.0f} / {max(k.delays_steps)}" if k.delays_steps else "-"
         secs = f"{_pct(k.delays_s, 50):.1f} / {max(k.delays_s):.1f}" if k.delays_s else "-"
@@ -84,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         for o in run.observations:
             findings += an.update(o)
+        findings += an.flush()
         t_total += time.perf_counter() - t0
         n_obs += len(run.observations)
         dur += run.duration_s
@@ -105,31 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"\n{rank_steps:,} rank-steps ({days:.2f} job-days at 1 step/s), no false alarm.")
 
-    # the persistence knob of loss_spike: 3 steps instead of 2 (a spike is then reported 2 steps after onset)
-    from stethoscope.analytics.training import LossSpike
-
-    print("\nThe loss-spike trade-off, same clean runs and the loss-spike runs above (3 sigma, lasting 3 steps), "
-          "by `persistence`:\n")
-    print("| persistence | recall (3 sigma) | steps to detect (max) | false alarms per million rank-steps |")
-    print("|---:|---:|---:|---:|")
-    for p in (2, 3):
-        fs, labels = [], []
-        for seed in range(args.runs):
-            run = training_run("loss_spike", seed=1000 + seed, steps=args.steps, job=f"s{seed}", count=5, magnitude=3.0)
-            det = LossSpike(persistence=p)
-            fs += [f for o in run.observations for f in det.update(o)]
-            labels += run.incidents
-        k = evaluate(fs, labels, 1.0).kinds["loss_spike"]
-        fa = 0
-        for seed in range(args.clean_runs):
-            run = training_run("clean", seed=5000 + seed, steps=args.clean_steps, job=f"clean{seed}")
-            det = LossSpike(persistence=p)
-            fa += sum(1 for o in run.observations for f in det.update(o) if f.severity != "info")
-        print(f"| {p} | {k.recall:.3f} | {max(k.delays_steps) if k.delays_steps else '-'} | {fa / rank_steps * 1e6:.1f} |")
+    _loss_spike_by_ranks(args)
 
     print(f"\nThroughput over all runs above (machine shared, so a lower bound): {n_obs / t_total:,.0f} "
           f"observations/s through all {len(DEFAULT_DETECTORS)} detectors. One clean run of 5,000 steps x 4 ranks, "
           "each detector alone:\n")
+    _throughput()
+    return 0
+
+
+def _throughput() -> None:
+    """Each detector alone, then all of them, over one clean run, against CUSUM updates as a peer."""
     run = training_run("clean", seed=1, steps=5000)
     obs = run.observations
     cusum = CUSUM(warmup=50)
@@ -154,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     rate = len(obs) / (time.perf_counter() - t0)
     print(f"| all {len(DEFAULT_DETECTORS)} (TrainingAnalyzer) | {rate:,.0f} | {1e6 / rate:.1f} | {peer / rate:.1f} |")
     print(f"| (peer) sequential CUSUM, one value | {peer:,.0f} | {1e6 / peer:.2f} | 1.0 |")
-    return 0
 
 
 if __name__ == "__main__":

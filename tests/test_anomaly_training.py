@@ -66,17 +66,30 @@ def test_every_nan_is_caught_at_its_step():
     assert all(f.severity == "critical" for f in findings)
 
 
-@pytest.mark.parametrize("sigma", [3.0, 4.0, 8.0])
-def test_every_loss_spike_of_3_sigma_or_more_is_caught_within_one_step(sigma):
+@pytest.mark.parametrize(("sigma", "ranks"), [(3.0, 4), (4.0, 4), (8.0, 4), (3.0, 8)])
+def test_every_loss_spike_of_3_sigma_or_more_is_caught_within_one_step(sigma, ranks):
+    # a spike of the job: every rank's loss rises by sigma x one rank's noise (seeded, deterministic)
     findings, labels = [], []
     for seed in range(3):
-        run = training_run("loss_spike", seed=seed, steps=2000, count=5, magnitude=sigma, job=f"j{seed}")
+        run = training_run("loss_spike", seed=seed, steps=2000, count=5, magnitude=sigma, job=f"j{seed}",
+                           world_size=ranks)
         findings += _run(LossSpike(), run.observations)
         labels += run.incidents
     ev = evaluate(findings, labels, duration_s=1.0).kinds["loss_spike"]
     assert ev.incidents == 15 and ev.recall == 1.0
     assert max(ev.delays_steps) <= 1
-    assert ev.false_alarms <= 1
+    assert ev.false_alarms == 0
+    assert all(f.subject.startswith("job=j") and " " not in f.subject for f in findings)
+
+
+def test_a_rise_of_one_rank_alone_raises_few_alarms():
+    # the same 3-sigma rise on one rank of 4 moves the job's mean 1.5 sigma of the mean: not a job spike
+    found, n = [], 0
+    for seed in range(3):
+        run = training_run("rank_spike", seed=seed, steps=2000, count=5, job=f"j{seed}")
+        found += _alarms(_run(LossSpike(), run.observations))
+        n += 5
+    assert n == 15 and len(found) <= 1
 
 
 def test_a_10_percent_slow_rank_is_flagged_within_3_iterations_with_high_precision():
@@ -99,11 +112,9 @@ def test_clean_runs_raise_almost_no_alarms():
     for seed in range(2):
         run = training_run("clean", seed=50 + seed, steps=2500, job=f"c{seed}")
         found += _alarms(analyze_steps(run.observations))
-    # 2 runs x 4 ranks x 2,500 steps = 20,000 rank-steps. Every detector but loss_spike: none.
-    # loss_spike trades false alarms for catching 3-sigma spikes within one step: about 40 per
-    # million rank-steps (docs/benchmarks.md), so about 0.8 expected here; allow a few.
-    assert [(f.kind, f.subject) for f in found if f.kind != "loss_spike"] == []
-    assert len(found) <= 4
+    # 2 runs x 4 ranks x 2,500 steps = 20,000 rank-steps. loss_spike judges the job's mean loss
+    # (about 0.1 false alarms per job-day of 86,400 steps, docs/benchmarks.md): none expected here.
+    assert [(f.kind, f.subject) for f in found] == []
 
 
 # --- behaviour of each detector ----------------------------------------------------------
@@ -333,22 +344,122 @@ def test_public_trace_straggler_is_flagged():
     assert [(f.details["rank"], f.details["step"]) for f in strict] == [(6, w6[0].details["step"])]
 
 
-def test_a_spike_on_every_rank_is_one_finding_for_the_job():
+def _dp(steps, ranks=8, *, seed=5, sigma=0.02, spikes=(), spike_ranks=None, skip=None):
+    """Step observations of a data-parallel job: noisy losses around 2.0, ``spikes`` maps step -> added loss."""
     import numpy as np
-    from stethoscope.analytics.training_analysis import TrainingAnalyzer, analyze_steps
 
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     obs = []
-    for step in range(1, 601):
-        for rank in range(8):
-            loss = 2.0 + 0.02 * rng.standard_normal()
-            if step in (300, 301, 500):
-                loss *= 4.0
+    for step in steps:
+        for rank in range(ranks):
+            if skip is not None and skip(rank, step):
+                continue
+            loss = 2.0 + sigma * rng.standard_normal()
+            if step in dict(spikes) and (spike_ranks is None or rank in spike_ranks):
+                loss += dict(spikes)[step]
             obs.append({"time": 1000.0 + step + rank * 1e-3, "job": "dp", "rank": rank, "node": f"n{rank // 4}",
                         "gpu": rank % 4, "step": step, "loss": loss, "grad_norm": 1.0, "step_time": 1.0,
-                        "data_wait": 0.01})
+                        "data_wait": 0.01, "world_size": ranks})
+    return obs
+
+
+def test_a_spike_on_every_rank_is_one_finding_for_the_job_at_its_step():
+    obs = _dp(range(1, 601), spikes={300: 6.0, 301: 6.0, 500: 6.0})
     analyzer = TrainingAnalyzer(detectors=["loss_spike"])
     spikes = [f for f in analyze_steps(obs, analyzer) if f.kind == "loss_spike" and f.severity != "info"]
-    assert [(f.subject, f.details["step"]) for f in spikes] == [("job=dp", 300), ("job=dp", 500)]
-    assert spikes[0].details["first_rank"] == "0" and spikes[0].details["first_node"] == "n0"
-    assert analyzer.folded["loss_spike"] >= 2 * 7  # the other ranks of both spikes
+    assert [(f.subject, f.details["step"], f.details["detected_step"]) for f in spikes] == [
+        ("job=dp", 300, 300), ("job=dp", 500, 500)]
+    # reported when the last rank of the step arrived, naming the rank whose loss rose most
+    at_300 = [o for o in obs if o["step"] == 300]
+    top = max(at_300, key=lambda o: o["loss"])
+    assert spikes[0].time == max(o["time"] for o in at_300)
+    assert spikes[0].details["first_rank"] == str(top["rank"]) and spikes[0].details["rank"] == top["rank"]
+    assert spikes[0].details["first_node"] == top["node"] and spikes[0].details["ranks"] == 8
+    assert spikes[0].details["ranks_above"] == 8
+
+
+def test_a_3_sigma_spike_of_the_job_is_caught_where_each_rank_alone_is_not_sure():
+    # 3 sigma of one rank's noise on all 8 ranks: 8.5 sigma of the job's mean loss, caught at its step
+    obs = _dp(range(1, 401), seed=9, spikes={300: 0.06, 301: 0.06, 302: 0.06})
+    found = _alarms(_run(LossSpike(), obs))
+    assert [(f.subject, f.details["step"], f.details["detected_step"]) for f in found] == [("job=dp", 300, 300)]
+
+
+def test_a_rise_on_one_rank_alone_is_not_a_job_spike():
+    # 5 sigma on one rank of 8 for three steps: noise or a bad shard, not the job's loss
+    obs = _dp(range(1, 401), seed=3, spikes={300: 0.10, 301: 0.10, 302: 0.10}, spike_ranks={5})
+    assert _alarms(_run(LossSpike(), obs)) == []
+    # 100 sigma on one rank: the job's mean moves a lot, the other ranks do not: info for that rank, no alarm
+    obs = _dp(range(1, 401), seed=3, spikes={300: 2.0, 301: 2.0}, spike_ranks={5})
+    found = _run(LossSpike(), obs)
+    assert _alarms(found) == []
+    assert [(f.severity, f.method, f.subject, f.details["step"]) for f in found] == [
+        ("info", "rank_outlier", "job=dp rank=5 node=n1 gpu=1", 300)]
+
+
+def test_a_late_rank_is_waited_for_and_a_silent_one_is_not_forever():
+    # rank 3's steps arrive 20 steps late (within the 60 s grace): the step waits and is judged complete
+    obs = _dp(range(1, 401), ranks=4, seed=4, spikes={300: 0.1, 301: 0.1, 302: 0.1})
+    late = sorted(obs, key=lambda o: o["time"] + (20.0 if o["rank"] == 3 else 0.0))
+    det = LossSpike()
+    found = _alarms(_run(det, late))
+    assert [(f.details["step"], f.details["ranks"]) for f in found] == [(300, 4)] and det.n_late == 0
+    assert found[0].time == 1300.003 and found[0].details["detected_step"] == 300  # on rank 3's step 300
+    # rank 3 goes silent at step 100: steps wait at most the grace, then not at all
+    obs = [o for o in _dp(range(1, 401), ranks=4, seed=4, spikes={300: 0.1, 301: 0.1, 302: 0.1})
+           if not (o["rank"] == 3 and o["step"] > 100)]
+    det = LossSpike(grace_s=30.0)
+    waited = []
+    for o in obs:
+        det.update(o)
+        waited.append(det.pending)
+    assert max(waited) <= 32 and waited[-1] <= 1
+    det = LossSpike(grace_s=30.0)
+    found = _alarms(_run(det, obs))
+    assert [(f.details["step"], f.details["ranks"], f.time) for f in found] == [(300, 3, 1300.002)]
+
+
+def test_ranks_that_skip_steps_are_not_waited_for_and_memory_is_bounded():
+    # rank 1 reports every third step only (the SDK thins fast steps): the others' steps are judged at once
+    obs = _dp(range(1, 401), ranks=4, seed=6, spikes={301: 0.06, 302: 0.06},
+              skip=lambda r, s: r == 1 and s % 3 != 0)
+    det = LossSpike()
+    found = _alarms(_run(det, obs))
+    assert [(f.details["step"], f.details["detected_step"], f.details["ranks"]) for f in found] == [(301, 301, 3)]
+    assert det.pending == 1  # step 400, which rank 1 has neither reported nor gone past
+    assert det.flush() == [] and det.pending == 0
+    # one rank far ahead of a rank that stays active (same timestamps, so no grace runs out): bounded
+    det = LossSpike(max_pending=64)
+    det.update({"time": 1.0, "job": "j", "rank": 1, "step": 0, "loss": 1.0})
+    for s in range(1, 2000):
+        det.update({"time": 1.0, "job": "j", "rank": 0, "step": s, "loss": 1.0 + 0.01 * (s * 7 % 5)})
+        assert det.pending <= 65
+    # what still waits at the end of the data is judged by flush()
+    assert det.flush() == [] and det.pending == 0
+
+
+def test_a_restart_from_a_checkpoint_starts_the_series_afresh():
+    obs = _dp(range(1, 301), ranks=2, seed=8)
+    # the job crashed at step 300 and resumed from step 200, 500 s later, at the loss it had then plus a bump
+    again = [dict(o, time=o["time"] + 500.0, loss=o["loss"] + 0.3) for o in _dp(range(200, 301), ranks=2, seed=9)]
+    det = LossSpike()
+    assert _alarms(_run(det, obs + again)) == [] and det.n_late == 0
+
+
+def test_the_late_ranks_of_a_step_are_judged_at_the_end_of_a_file():
+    obs = _dp(range(1, 201), ranks=4, seed=2, spikes={199: 6.0, 200: 6.0})
+    obs = [o for o in obs if not (o["rank"] == 2 and o["step"] >= 199)]  # rank 2's last two steps are missing
+    analyzer = TrainingAnalyzer(detectors=["loss_spike"])
+    found = _alarms(analyze_steps(obs, analyzer))
+    assert [(f.subject, f.details["step"], f.details["ranks"]) for f in found] == [("job=dp", 199, 3)]
+
+
+def test_steps_held_for_a_silent_rank_are_judged_on_tick():
+    # rank 3 stops after step 200; the spike at 250 waits for it, then the wall clock passes the grace
+    obs = [o for o in _dp(range(1, 252), ranks=4, seed=12, spikes={250: 0.1, 251: 0.1})
+           if not (o["rank"] == 3 and o["step"] > 200)]
+    analyzer = TrainingAnalyzer(detectors=["loss_spike"])
+    assert _alarms([f for o in obs for f in analyzer.update(o)]) == []
+    assert analyzer.tick(1000.0 + 201 + 55) == []  # within the grace (60 s) of step 201: still waiting
+    found = _alarms(analyzer.tick(1000.0 + 201 + 61))
+    assert [(f.subject, f.details["step"], f.details["ranks"]) for f in found] == [("job=dp", 250, 3)]

@@ -148,6 +148,7 @@ def test_late_steps_within_grace_are_processed_once(service):
     finally:
         for tm in monitors:
             tm.close(timeout_s=5)
-    assert [(f.kind, f.subject, f.details["step"], f.details["first_rank_subject"]) for f in late] == [
-        ("loss_spike", "job=llm", 111, "job=llm rank=1 node=n1 gpu=1")]
+    # the step waited for rank 1 across the two runs, then was judged on both ranks' losses
+    assert [(f.kind, f.subject, f.details["step"], f.details["first_rank_subject"], f.details["ranks"])
+            for f in late] == [("loss_spike", "job=llm", 111, "job=llm rank=1 node=n1 gpu=1", 2)]
     assert again == []
