@@ -48,6 +48,7 @@ def _bounded(chunks: Callable[[], bytes | None], limit: int) -> bytes:
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     """Undo ``Content-Encoding`` (gzip, deflate, zstd, lz4, identity), capped at ``limit`` bytes.
 
+    >>> import gzip
     >>> decompress(gzip.compress(b"x" * 10), "gzip", 100)
     b'xxxxxxxxxx'
     >>> decompress(gzip.compress(b"x" * 1000), "gzip", 100)
