@@ -621,6 +621,7 @@ class ActionRunner:
         self._lock = threading.RLock()
         self._loaded = False
         self._unsaved: list[Decision] = []
+        self._last_ms = -1  # the time of the latest decision, in ms (see _record)
         self.api: RemediationApi | None = None
 
     # --- state ---------------------------------------------------------------------------
@@ -634,6 +635,7 @@ class ActionRunner:
             self.ledger = Ledger()
             for d in rows:
                 self.ledger.apply(d)
+                self._last_ms = max(self._last_ms, int(round(d.time * 1000)))
                 if d.action == "scale" and d.decision == "executed" and d.result.get("keda") and "to" in d.result:
                     self.ctx.keda.set(d.target, int(d.result["to"]))
             self._loaded = True
@@ -643,7 +645,18 @@ class ActionRunner:
             return len(rows)
 
     def _record(self, d: Decision) -> Decision:
-        """Apply ``d`` to the guards now; it is written with the others by :meth:`flush`."""
+        """Apply ``d`` to the guards now; it is written with the others by :meth:`flush`.
+
+        Decisions get distinct millisecond times in the order they are made (a tie moves
+        one millisecond later), so that :meth:`load` replays them in that order: the
+        ``actions`` table keeps no other order, and two scale decisions in the same
+        millisecond read back in the wrong order would restore the wrong KEDA value.
+        """
+        ms = int(round(d.time * 1000))
+        if ms <= self._last_ms:
+            ms = self._last_ms + 1
+            d = replace(d, time=ms / 1000)
+        self._last_ms = ms
         self.ledger.apply(d)
         self._unsaved.append(d)
         level = logging.WARNING if d.decision == "failed" else logging.INFO
