@@ -10,16 +10,20 @@ rows are about 41 minutes of the fleet and 100M about 6.8 hours. The rows are ma
 inside chDB by ``INSERT INTO ... SELECT ... FROM numbers(N)`` into a store created by
 ``ensure_schema()``, so the materialized views fill the rollups exactly as ingestion does.
 
-Every fleet-dashboard panel (variables at All, the worst case) is expanded by
-:func:`stethoscope.dashboards.macros.render` for ranges of 1 h, 24 h and 7 d ending at
-the newest row, with the interval Grafana would pick for a ~1,000-pixel panel (10 s,
-2 min, 10 min). Each runs with ``force=0`` (raw rows) and with ``force=60``: the minute
-rollup for time series, whole hours plus edge minutes for stats and tables. That is
-what the dashboards read at 24 h and 7 d; at 1 h (10 s buckets, range under 6 h) they
-read raw rows, and the rollup figure is only for comparison. Latency is wall time of
-``Store.query`` returning ``JSONCompact``, after one warm-up run; p50 and p95 over
-``--repeat`` runs per panel, and over all panels' runs together. ``--ingest-rows N``
-also times inserting N gauge rows with and without the rollup views.
+Every fleet-dashboard panel is expanded by :func:`stethoscope.dashboards.macros.render`
+for ranges of 1 h, 24 h and 7 d ending at the newest row, with the interval Grafana would
+pick for a ~1,000-pixel panel (10 s, 2 min, 10 min), in three cases (:data:`CASES`):
+
+- ``raw``: variables at All, every panel forced onto raw rows (``force=0``), the peer;
+- ``all``: variables at All, the SQL as the dashboard runs it (it reads the rollups,
+  at whole minutes, because more than ``MAX_RAW_NODES`` nodes are selected);
+- ``nodes``: the dashboard's SQL with ``MAX_RAW_NODES`` nodes selected, the widest
+  selection that still reads raw rows at short ranges.
+
+Latency is wall time of ``Store.query`` returning ``JSONCompact``, after one warm-up
+run; p50 and p95 over ``--repeat`` runs per panel (``--raw-repeat`` for the raw peer),
+and over all panels' runs together. ``--ingest-rows N`` also times inserting N gauge
+rows with and without the rollup views.
 
 The store directory is removed afterwards. 100M rows are skipped, with the reason,
 when the free disk space is less than 12 times what 10M rows took.
@@ -42,6 +46,8 @@ GAUGE_SERIES = (("gpu.utilization", ""), ("gpu.memory.used", ""), ("gpu.temperat
 SUM_SERIES = (("gpu.xid.errors", "79"), ("gpu.ecc.errors", "corrected"), ("gpu.ecc.errors", "uncorrected"))
 STEP_S = 10
 RANGES = (("1h", 3600, 10), ("24h", 86400, 120), ("7d", 7 * 86400, 600))
+#: (label, force, whether the node variable is All); see the module docstring.
+CASES = (("raw", 0, True), ("all", None, True), ("nodes", None, False))
 
 
 def _series_sql(table: str, series: tuple[tuple[str, str], ...], points: int, end: int, counter: bool) -> str:
@@ -118,30 +124,34 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def _panels(force: int) -> list[tuple[str, str]]:
+def _panels(force: int | None) -> list[tuple[str, str]]:
     from stethoscope.dashboards.build import fleet
 
     return [(p["title"], p["targets"][0]["rawSql"]) for p in fleet(force)["panels"]]
 
 
-def _measure(store, end: int, repeat: int) -> list[dict]:
+def _measure(store, end: int, repeat: int, raw_repeat: int) -> list[dict]:
+    from stethoscope.dashboards.build import MAX_RAW_NODES
     from stethoscope.dashboards.macros import ALL, QueryContext, Variable, render
 
-    values = {Variable(n, multi=True, include_all=True): ALL for n in ("cluster", "node", "gpu")}
+    every = {Variable(n, multi=True, include_all=True): ALL for n in ("cluster", "node", "gpu")}
+    # Nodes far apart in the fleet, as a person picking a few would; one per cluster where possible.
+    nodes = [f"gpu-node-{i * (GPUS // 8) // MAX_RAW_NODES:04d}" for i in range(MAX_RAW_NODES)]
+    few = {**every, Variable("node", multi=True, include_all=True): nodes}
     out = []
     for label, span, interval in RANGES:
         ctx = QueryContext(start=end - span, end=end, interval_s=interval)
-        for tier in (0, 60):
-            for title, raw in _panels(tier):
-                sql = render(raw, ctx, values)
+        for case, force, at_all in CASES:
+            for title, raw in _panels(force):
+                sql = render(raw, ctx, every if at_all else few)
                 first = store.query(sql, "JSONCompact")
                 times = []
-                for _ in range(repeat):
+                for _ in range(raw_repeat if case == "raw" else repeat):
                     t = time.perf_counter()
                     store.query(sql, "JSONCompact")
                     times.append(time.perf_counter() - t)
                 rows = json.loads(first.data)["rows"]
-                out.append({"range": label, "tier": "raw" if tier == 0 else "rollup", "panel": title,
+                out.append({"range": label, "tier": case, "panel": title,
                             "p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * _pct(times, 0.95),
                             "times_ms": [1000 * x for x in times], "rows_read": _rows_to_read(store, sql),
                             "result_rows": rows})
@@ -156,25 +166,31 @@ def _report(rows: int, info: dict, results: list[dict]) -> None:
     r = info["rows"]
     print(f"rollup rows: gauge 1m {r['otel_metrics_gauge_1m']:,}, 1h {r['otel_metrics_gauge_1h']:,}; "
           f"sum 1m {r['otel_metrics_sum_1m']:,}, 1h {r['otel_metrics_sum_1h']:,}\n")
-    print("| range | panel | raw p50 | raw p95 | rollup p50 | rollup p95 | raw/rollup (p95) | rows to read raw / rollup "
-          "| result rows |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    from stethoscope.dashboards.build import MAX_RAW_NODES
+
+    few = f"{MAX_RAW_NODES} nodes"
+    print(f"load average before the panels: {info['load_before']}, after: {os.getloadavg()[0]:.1f}\n")
+    print("| range | panel | raw p95 (All) | dashboard p95 (All) | raw/dashboard | dashboard p95 "
+          f"({few}) | rows to read: raw / dashboard (All) / dashboard ({few}) "
+          "| result rows raw / dashboard (All) |")
+    print("|---|---|---:|---:|---:|---:|---|---:|")
     by = {(x["range"], x["tier"], x["panel"]): x for x in results}
     for label, _, _ in RANGES:
         for title in dict.fromkeys(x["panel"] for x in results):
-            a, b = by[label, "raw", title], by[label, "rollup", title]
-            print(f"| {label} | {title} | {a['p50_ms']:.0f} | {a['p95_ms']:.0f} | {b['p50_ms']:.0f} | "
-                  f"{b['p95_ms']:.0f} | {a['p95_ms'] / max(b['p95_ms'], 1e-3):.1f}x | "
-                  f"{_fmt(a['rows_read'])} / {_fmt(b['rows_read'])} | {a['result_rows']:,} |")
-    print("\n| range | tier | p50 (all panels) | p95 (all panels) | slowest panel p95 | panels with p95 <= 300 ms |")
+            a, b, c = by[label, "raw", title], by[label, "all", title], by[label, "nodes", title]
+            print(f"| {label} | {title} | {a['p95_ms']:.0f} | {b['p95_ms']:.0f} | "
+                  f"{a['p95_ms'] / max(b['p95_ms'], 1e-3):.1f}x | {c['p95_ms']:.0f} | "
+                  f"{_fmt(a['rows_read'])} / {_fmt(b['rows_read'])} / {_fmt(c['rows_read'])} | "
+                  f"{a['result_rows']:,} / {b['result_rows']:,} |")
+    print("\n| range | case | p50 (all panels) | p95 (all panels) | slowest panel p95 | panels with p95 <= 300 ms |")
     print("|---|---|---:|---:|---:|---:|")
     for label, _, _ in RANGES:
-        for tier in ("raw", "rollup"):
-            sel = [x for x in results if x["range"] == label and x["tier"] == tier]
+        for case, _, _ in CASES:
+            sel = [x for x in results if x["range"] == label and x["tier"] == case]
             allt = [t for x in sel for t in x["times_ms"]]
             worst = max(sel, key=lambda x: x["p95_ms"])
             ok = sum(x["p95_ms"] <= 300 for x in sel)
-            print(f"| {label} | {tier} | {statistics.median(allt):.0f} | {_pct(allt, 0.95):.0f} | "
+            print(f"| {label} | {case} | {statistics.median(allt):.0f} | {_pct(allt, 0.95):.0f} | "
                   f"{worst['p95_ms']:.0f} ({worst['panel']}) | {ok} of {len(sel)} |")
 
 
@@ -182,7 +198,7 @@ def _fmt(read: dict[str, int]) -> str:
     return " + ".join(f"{n:,} ({t.removeprefix('otel_metrics_')})" for t, n in sorted(read.items())) or "0"
 
 
-def run_size(rows: int, repeat: int, base: Path) -> tuple[dict, list[dict]]:
+def run_size(rows: int, repeat: int, base: Path, raw_repeat: int) -> tuple[dict, list[dict]]:
     from stethoscope.exporters.chdb_store import ChdbStore
 
     work = Path(tempfile.mkdtemp(prefix="stethoscope-bench-dash-", dir=base))
@@ -192,7 +208,8 @@ def run_size(rows: int, repeat: int, base: Path) -> tuple[dict, list[dict]]:
         end = int(time.time()) // 60 * 60
         info = _fill(store, rows, end)
         info["disk_mb"] = _disk_bytes(work) / 1e6
-        results = _measure(store, end, repeat)
+        info["load_before"] = f"{os.getloadavg()[0]:.1f}"
+        results = _measure(store, end, repeat, raw_repeat)
     finally:
         store.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -231,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[10_000_000, 100_000_000])
     p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--raw-repeat", type=int, help="runs per panel for the raw peer (default: --repeat); "
+                   "at 100M rows a raw panel takes seconds")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary store goes")
     p.add_argument("--json", help="also write every measurement to this file")
     p.add_argument("--ingest-rows", type=int, default=0,
@@ -238,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     base = Path(args.dir)
     print(f"# dashboards: {os.cpu_count()} CPUs; free disk under {base}: {shutil.disk_usage(base).free / 1e9:.0f} GB; "
-          f"{args.repeat} runs per panel after one warm-up")
+          f"{args.repeat} runs per panel after one warm-up; load average {os.getloadavg()[0]:.1f}")
     per_row = None
     everything = {}
     for rows in sorted(args.rows):
@@ -247,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n### {rows:,} rows: skipped: needs about {per_row * rows / 1e9:.1f} GB, and 12 times that "
                   f"({per_row * rows * 12 / 1e9:.0f} GB) is more than the {free / 1e9:.0f} GB free")
             continue
-        info, results = run_size(rows, args.repeat, base)
+        info, results = run_size(rows, args.repeat, base, args.raw_repeat or args.repeat)
         per_row = info["disk_mb"] * 1e6 / max(1, rows)
         _report(rows, info, results)
         everything[rows] = {"info": info, "results": results}

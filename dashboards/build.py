@@ -26,7 +26,7 @@ from .panels import (
     table,
     timeseries,
 )
-from .rollups import GAUGE, SUM, pick
+from .rollups import GAUGE, ROLLUPS, SUM, pick
 
 __all__ = [
     "DASHBOARDS",
@@ -66,6 +66,7 @@ def _links(own: str) -> list[Json]:
 # ---------------------------------------------------------------- shared SQL pieces
 
 _NODE = "ResourceAttributes['host.name']"
+_HOURLY_GAUGE = next(r.name for r in ROLLUPS if r.source == GAUGE.raw_table and r.grain_s == 3600)
 _GPU = "Attributes['gpu.index']"
 # Filters as templates for rollups.pick: {use}, {where}, {node}, {cluster}, {gpu} are filled per tier.
 _GPU_FILTER_T = (
@@ -135,23 +136,55 @@ ORDER BY time"""
 #: point is not lost; resets inside the range are not corrected.
 _INCREASE = "if({start} >= $__fromTime, {max}, {max} - {min})"
 
+#: Panels over GPUs read raw rows only while at most this many nodes are selected; over more
+#: (or All) they read the rollups at any range, in buckets of whole minutes
+#: (:func:`stethoscope.dashboards.rollups.pick`): thousands of GPU series at 10 s cost
+#: seconds to read and to send, and no chart can show them apart.
+MAX_RAW_NODES = 2
+#: ``wide`` for :func:`~stethoscope.dashboards.rollups.pick`: All, or more than MAX_RAW_NODES nodes.
+_WIDE_NODES = f"$__conditionalAll(length([$node]) > {MAX_RAW_NODES}, $node)"
 
-def _series(template: str, force: int | None, dialect=GAUGE, order_by: str = "time") -> str:
+
+def _series(template: str, force: int | None, dialect=GAUGE, order_by: str = "time", wide: str = "") -> str:
     """A time-bucketed panel over raw rows or a rollup (ordered by time unless told)."""
-    return pick(template, dialect, bucketed=True, order_by=order_by, force=force)
+    return pick(template, dialect, bucketed=True, order_by=order_by, force=force, wide=wide)
 
 
-def _total(template: str, force: int | None, dialect=GAUGE, order_by: str = "") -> str:
+def _total(template: str, force: int | None, dialect=GAUGE, order_by: str = "", wide: str = "") -> str:
     """A whole-range panel (stat, table) over raw rows or the minute rollup."""
-    return pick(template, dialect, bucketed=False, order_by=order_by, force=force)
+    return pick(template, dialect, bucketed=False, order_by=order_by, force=force, wide=wide)
 
 
 def _gpu_series(metric: str, force: int | None, agg: str = "{avg}") -> str:
     return _series(f"""
-SELECT $__timeInterval({{time}}) AS time, concat({{node}}, '/', {{gpu}}) AS gpu, {agg} AS value
+SELECT {{bucket}} AS time, concat({{node}}, '/', {{gpu}}) AS gpu, {agg} AS value
 FROM {{table}}
 WHERE MetricName = '{metric}' AND """ + _GPU_WHERE_T + """
-GROUP BY time, gpu""", force)
+GROUP BY time, gpu""", force, wide=_WIDE_NODES)
+
+
+# Raw rows carry the throttle reason in each row's Attributes. A rollup carries it too,
+# but decoding that map for millions of minute rows was the slowest part of this panel
+# at 100M rows; the reason is the same for every row of a series, so the rollup tiers
+# look it up once per series in the hourly rollup (thousands of rows) and join on the hash.
+_THROTTLED_RAW = """
+SELECT {bucket} AS time, Attributes['gpu.throttle.reason'] AS reason,
+       uniqExactIf(({node}, {gpu}), {maxv} > 0) AS gpus
+FROM {table}
+WHERE MetricName = 'gpu.throttle' AND Attributes['gpu.throttle.reason'] != 'gpu_idle' AND """ + _GPU_WHERE_T + """
+GROUP BY time, reason"""
+_THROTTLED_ROLLUP = """
+SELECT {bucket} AS time, reason, uniqExactIf(({node}, {gpu}), {maxv} > 0) AS gpus
+FROM {table}
+INNER JOIN (
+  SELECT AttributesHash, any(Attributes['gpu.throttle.reason']) AS reason FROM """ + _HOURLY_GAUGE + """
+  WHERE {use} AND MetricName = 'gpu.throttle'
+    AND Time >= toStartOfInterval($__fromTime, INTERVAL 3600 second) AND Time <= $__toTime
+  GROUP BY AttributesHash
+  HAVING reason != 'gpu_idle') AS reasons USING AttributesHash
+WHERE MetricName = 'gpu.throttle' AND """ + _GPU_WHERE_T + """
+GROUP BY time, reason"""
+_THROTTLED = {0: _THROTTLED_RAW, 60: _THROTTLED_ROLLUP, 3600: _THROTTLED_ROLLUP}
 
 
 # ---------------------------------------------------------------- fleet
@@ -165,30 +198,26 @@ def fleet(force: int | None = None) -> Json:
     panels = [
         (stat("GPUs reporting", _total("""
 SELECT uniqExact({node}, {gpu}) AS gpus FROM {table}
-WHERE MetricName = 'gpu.utilization' AND """ + _GPU_WHERE_T, force)), 6, 4),
+WHERE MetricName = 'gpu.utilization' AND """ + _GPU_WHERE_T, force, wide=_WIDE_NODES)), 6, 4),
         (stat("Mean utilization", _total("""
 SELECT {avg} AS utilization FROM {table}
-WHERE MetricName = 'gpu.utilization' AND """ + _GPU_WHERE_T, force), unit="percentunit"), 6, 4),
+WHERE MetricName = 'gpu.utilization' AND """ + _GPU_WHERE_T, force, wide=_WIDE_NODES), unit="percentunit"), 6, 4),
         (stat("Hottest GPU", _total("""
 SELECT {max} AS temperature FROM {table}
-WHERE MetricName = 'gpu.temperature' AND """ + _GPU_WHERE_T, force), unit="celsius"), 6, 4),
+WHERE MetricName = 'gpu.temperature' AND """ + _GPU_WHERE_T, force, wide=_WIDE_NODES), unit="celsius"), 6, 4),
         (stat("XID errors", _total(f"""
 SELECT sum(errors) AS xid_errors FROM (
   SELECT {_INCREASE} AS errors FROM {{table}}
   WHERE MetricName = 'gpu.xid.errors' AND """ + _GPU_WHERE_T + """
-  GROUP BY {node}, {gpu}, Attributes['gpu.xid'])""", force, SUM), decimals=0), 6, 4),
+  GROUP BY {node}, {gpu}, Attributes['gpu.xid'])""", force, SUM, wide=_WIDE_NODES), decimals=0), 6, 4),
         (timeseries("GPU utilization", _gpu_series("gpu.utilization", force), unit="percentunit"), 12, 8),
         (timeseries("GPU memory used", _gpu_series("gpu.memory.used", force, "{max}"), unit="bytes"), 12, 8),
         (timeseries("GPU temperature", _gpu_series("gpu.temperature", force, "{max}"), unit="celsius"), 12, 8),
         (timeseries("GPU power draw", _gpu_series("gpu.power.draw", force), unit="watt"), 12, 8),
         (timeseries("SM clock", _gpu_series("gpu.clock.sm", force), unit="hertz",
                     description="MHz; drops under thermal or power slowdown"), 12, 8),
-        (timeseries("GPUs throttled, by reason", _series("""
-SELECT $__timeInterval({time}) AS time, Attributes['gpu.throttle.reason'] AS reason,
-       uniqExactIf(({node}, {gpu}), {maxv} > 0) AS gpus
-FROM {table}
-WHERE MetricName = 'gpu.throttle' AND Attributes['gpu.throttle.reason'] != 'gpu_idle' AND """ + _GPU_WHERE_T + """
-GROUP BY time, reason""", force), stacked=True, bars=True), 12, 8),
+        (timeseries("GPUs throttled, by reason", _series(_THROTTLED, force, wide=_WIDE_NODES),
+                    stacked=True, bars=True), 12, 8),
         (table("XID and ECC errors by GPU", _total(f"""
 SELECT node, gpu,
        sumIf(errors, MetricName = 'gpu.xid.errors') AS xid_errors,
@@ -199,7 +228,7 @@ FROM (
   SELECT {{node}} AS node, {{gpu}} AS gpu, MetricName, Attributes['gpu.xid'] AS xid,
          Attributes['gpu.ecc.type'] AS ecc, {_INCREASE} AS errors""" + counters + """
   GROUP BY node, gpu, MetricName, xid, ecc)
-GROUP BY node, gpu""", force, SUM, order_by="xid_errors + ecc_uncorrected DESC, node, gpu"),
+GROUP BY node, gpu""", force, SUM, order_by="xid_errors + ecc_uncorrected DESC, node, gpu", wide=_WIDE_NODES),
                description="Increase of the cumulative counters over the time range (from zero for a "
                            "counter that started inside it)."), 12, 8),
         (table("Utilization by node and GPU", _total(f"""
@@ -207,7 +236,7 @@ SELECT {{node}} AS node,
        {heat_cols}
 FROM {{table}}
 WHERE MetricName = 'gpu.utilization' AND """ + _GPU_WHERE_T + """
-GROUP BY node""", force, order_by="node"), unit="percentunit", heat=True,
+GROUP BY node""", force, order_by="node", wide=_WIDE_NODES), unit="percentunit", heat=True,
                description="Mean utilization per GPU over the range: one row per node, one cell per GPU."), 24, 8),
     ]
     return dashboard("stethoscope-fleet", _TITLES["stethoscope-fleet"], tags=["gpu"], panels=panels,
@@ -398,12 +427,12 @@ ORDER BY estimated_predictions DESC"""), 12, 8),
 # ---------------------------------------------------------------- cost
 
 _GPU_INTERVALS = """
-  SELECT $__timeInterval({time}) AS t, {node} AS node, {gpu} AS gpu, {avg} AS util
+  SELECT {bucket} AS t, {node} AS node, {gpu} AS gpu, {avg} AS util
   FROM {table}
   WHERE MetricName = 'gpu.utilization' AND """ + _GPU_WHERE_T + """
   GROUP BY t, node, gpu"""
-_HOURS = "count() * $__interval_s / 3600"
-_IDLE_HOURS = f"countIf(util < {IDLE_UTILIZATION}) * $__interval_s / 3600"
+_HOURS = "count() * {step} / 3600"
+_IDLE_HOURS = f"countIf(util < {IDLE_UTILIZATION}) * {{step}} / 3600"
 
 
 def cost(force: int | None = None) -> Json:
@@ -411,25 +440,25 @@ def cost(force: int | None = None) -> Json:
    WHERE MetricName = 'stethoscope.model.requests' AND $__timeFilter(TimeUnix)
    AND $__conditionalAll(Attributes['stethoscope.model'] IN ($model), $model))"""
     panels = [
-        (stat("GPU hours", _series(f"SELECT {_HOURS} AS gpu_hours FROM ({_GPU_INTERVALS})", force, order_by=""),
-              decimals=1), 6, 4),
+        (stat("GPU hours", _series(f"SELECT {_HOURS} AS gpu_hours FROM ({_GPU_INTERVALS})", force, order_by="",
+                                   wide=_WIDE_NODES), decimals=1), 6, 4),
         (stat("GPU cost", _series(f"SELECT {_HOURS} * $gpu_hour_price AS cost FROM ({_GPU_INTERVALS})", force,
-                                  order_by=""), unit="currencyUSD"), 6, 4),
+                                  order_by="", wide=_WIDE_NODES), unit="currencyUSD"), 6, 4),
         (stat("Idle cost", _series(f"SELECT {_IDLE_HOURS} * $gpu_hour_price AS idle_cost FROM ({_GPU_INTERVALS})",
-                                   force, order_by=""),
+                                   force, order_by="", wide=_WIDE_NODES),
               unit="currencyUSD", description=f"GPU intervals with mean utilization below {IDLE_UTILIZATION}."), 6, 4),
         (stat("GPU cost per 1,000 predictions", _series(f"""
 SELECT {_HOURS} * $gpu_hour_price / nullIf({requests} / 1000, 0) AS cost_per_1k
-FROM ({_GPU_INTERVALS})""", force, order_by=""), unit="currencyUSD"), 6, 4),
+FROM ({_GPU_INTERVALS})""", force, order_by="", wide=_WIDE_NODES), unit="currencyUSD"), 6, 4),
         (timeseries("GPU cost over time", _series(f"""
 SELECT t AS time, {_HOURS} * $gpu_hour_price AS busy_and_idle, {_IDLE_HOURS} * $gpu_hour_price AS idle
 FROM ({_GPU_INTERVALS})
-GROUP BY t""", force), unit="currencyUSD", bars=True), 24, 8),
+GROUP BY t""", force, wide=_WIDE_NODES), unit="currencyUSD", bars=True), 24, 8),
         (table("Cost by node", _series(f"""
 SELECT node, uniqExact(gpu) AS gpus, {_HOURS} AS gpu_hours, {_IDLE_HOURS} AS idle_gpu_hours,
        gpu_hours * $gpu_hour_price AS cost, idle_gpu_hours * $gpu_hour_price AS idle_cost, avg(util) AS utilization
 FROM ({_GPU_INTERVALS})
-GROUP BY node""", force, order_by="cost DESC")), 12, 8),
+GROUP BY node""", force, order_by="cost DESC", wide=_WIDE_NODES)), 12, 8),
         (table("Declared cost per 1,000 predictions, by model", """
 SELECT Attributes['stethoscope.model'] AS model,
        sumIf(Value, MetricName = 'stethoscope.model.requests') AS predictions,

@@ -48,6 +48,7 @@ __all__ = [
     "backfill_statement",
     "pick",
     "rebuild_statements",
+    "step_expr",
     "tier_condition",
     "view_statement",
 ]
@@ -253,23 +254,48 @@ SUM = Dialect("otel_metrics_sum")
 TIERS = (0, 60, 3600)
 
 
-def tier_condition(grain_s: int, bucketed: bool) -> str:
+def step_expr(wide: str = "") -> str:
+    """The bucket width in seconds a time-series panel uses, as SQL that folds to a constant.
+
+    ``$__interval_s``, or with a ``wide`` condition (see :func:`pick`) that interval rounded
+    up to whole minutes, and at least one minute, when the condition holds.
+
+    >>> step_expr()
+    '$__interval_s'
+    >>> step_expr("1=1")
+    'if(1=1, greatest(60, intDiv($__interval_s + 59, 60) * 60), $__interval_s)'
+    """
+    if not wide:
+        return "$__interval_s"
+    return f"if({wide}, greatest(60, intDiv($__interval_s + 59, 60) * 60), $__interval_s)"
+
+
+def tier_condition(grain_s: int, bucketed: bool, wide: str = "") -> str:
     """When a panel reads tier ``grain_s``: a condition on the macros that folds to a constant.
 
-    Time-bucketed panels (``bucketed``) read the hourly rollup when ``$__interval_s`` is
-    a whole number of hours, the minute rollup when it is a whole number of minutes, and
-    raw rows otherwise, whatever the range: each bucket is then a whole number of rollup
-    buckets. Whole-range panels (stats, tables) read the rollups (whole hours plus the
-    minutes at the ends) when the range is longer than :data:`LONG_RANGE_S`, raw rows
-    otherwise; the rollups round the range out to whole minutes.
+    Time-bucketed panels (``bucketed``) read the hourly rollup when their bucket width
+    (:func:`step_expr`) is a whole number of hours, the minute rollup when it is a whole
+    number of minutes, and raw rows otherwise, whatever the range: each bucket is then a
+    whole number of rollup buckets. Whole-range panels (stats, tables) read the rollups
+    (whole hours plus the minutes at the ends) when the range is longer than
+    :data:`LONG_RANGE_S`, raw rows otherwise; the rollups round the range out to whole
+    minutes. A ``wide`` condition (many series selected) sends both kinds to the rollups
+    whatever the range and interval.
 
     >>> tier_condition(60, False)
     "dateDiff('second', $__fromTime, $__toTime) > 21600"
+    >>> tier_condition(0, True)
+    'NOT ($__interval_s % 60 = 0)'
     """
     long = f"dateDiff('second', $__fromTime, $__toTime) > {LONG_RANGE_S}"
+    if wide:
+        long = f"({long} OR {wide})"
     if not bucketed:
         return {0: f"NOT ({long})", 60: long}.get(grain_s, "0")
-    hourly, minutely = "$__interval_s % 3600 = 0", "$__interval_s % 60 = 0"
+    step = step_expr(wide)
+    if wide:
+        step = f"({step})"
+    hourly, minutely = f"{step} % 3600 = 0", f"{step} % 60 = 0"
     return {
         0: f"NOT ({minutely})",
         60: f"{minutely} AND NOT ({hourly})",
@@ -277,10 +303,11 @@ def tier_condition(grain_s: int, bucketed: bool) -> str:
     }[grain_s]
 
 
-def pick(template: str, dialect: Dialect, *, bucketed: bool, order_by: str = "", force: int | None = None,
-         extra: Mapping[str, str] | None = None) -> str:
+def pick(template: str | Mapping[int, str], dialect: Dialect, *, bucketed: bool, order_by: str = "", force: int | None = None,
+         extra: Mapping[str, str] | None = None, wide: str = "") -> str:
     """One panel query over every tier: ``template`` is formatted with :meth:`Dialect.at`
-    for each tier (plus ``extra``) and guarded by :func:`tier_condition`.
+    for each tier (plus ``extra``) and guarded by :func:`tier_condition`. A mapping from
+    grain to template gives a tier its own SQL (it needs an entry for every tier).
 
     ``{use}`` in the template should be in the innermost ``WHERE`` so the unchosen
     branches read nothing; the branch is also filtered outside, so a whole-range
@@ -288,21 +315,38 @@ def pick(template: str, dialect: Dialect, *, bucketed: bool, order_by: str = "",
     makes that tier the only one, for benchmarks and tests; whole-range panels have one
     rollup tier (hours and minutes together), read for ``force=60`` or ``3600``. ``order_by`` is applied to the union.
 
+    ``{step}`` in the template is the bucket width in seconds (:func:`step_expr`) and
+    ``{bucket}`` the time bucket of a row, ``$__interval_s`` and ``$__timeInterval`` of
+    the tier's time column unless ``wide`` is given. ``wide`` is a condition on template
+    variables that folds to a constant, true when the panel would draw too many series
+    to read raw rows quickly (for example more than a few nodes selected): then the panel
+    reads the rollups at any range, in buckets of whole minutes. ``force`` ignores it.
+
     >>> sql = pick("SELECT {max} AS m FROM {table} WHERE {use} AND {where}", GAUGE, bucketed=False, force=0)
     >>> "FROM otel_metrics_gauge WHERE 1 AND $__timeFilter(TimeUnix)" in sql, "otel_metrics_gauge_1h" in sql
     (True, True)
     >>> [line for line in sql.splitlines() if line.startswith(") WHERE")]
     [') WHERE 1', ') WHERE 0']
+    >>> "toStartOfInterval(toDateTime(Time), toIntervalSecond(if(1=1, greatest(60" in pick(
+    ...     "SELECT {bucket} AS t FROM {table} WHERE {use}", GAUGE, bucketed=True, wide="1=1")
+    True
     """
     tiers = TIERS if bucketed else (0, 60)
     if force is not None and force not in TIERS:
         raise ValueError(f"force must be one of {TIERS}, got {force!r}")
     if force is not None and force not in tiers:
         force = 60  # a whole-range panel has no hourly tier
+    if force is not None:
+        wide = ""
+    step = step_expr(wide)
     branches = []
     for grain in tiers:
-        use = tier_condition(grain, bucketed) if force is None else ("1" if grain == force else "0")
-        body = template.format(use=use, **dialect.at(grain, whole=not bucketed), **(extra or {})).strip()
+        use = tier_condition(grain, bucketed, wide) if force is None else ("1" if grain == force else "0")
+        fragments = dict(dialect.at(grain, whole=not bucketed))
+        bucket = (f"toStartOfInterval(toDateTime({fragments['time']}), toIntervalSecond({step}))" if wide
+                  else f"$__timeInterval({fragments['time']})")
+        text = template if isinstance(template, str) else template[grain]
+        body = text.format(use=use, step=step, bucket=bucket, **fragments, **(extra or {})).strip()
         branches.append(f"SELECT * FROM (\n{body}\n) WHERE {use}")
     union = "\nUNION ALL\n".join(branches)
     return f"SELECT * FROM (\n{union}\n)" + (f"\nORDER BY {order_by}" if order_by else "")

@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import make_service
 from stethoscope.dashboards import build
-from stethoscope.dashboards.macros import QueryContext, render
+from stethoscope.dashboards.macros import QueryContext, Variable, render
 from stethoscope.dashboards.rollups import (
     GAUGE,
     LONG_RANGE_S,
@@ -17,6 +17,7 @@ from stethoscope.dashboards.rollups import (
     TIERS,
     backfill_statement,
     pick,
+    step_expr,
     tier_condition,
 )
 from stethoscope.exporters import schema
@@ -66,6 +67,14 @@ def test_migration_7_creates_and_rebuilds_every_rollup():
         assert f"INSERT INTO {{db}}.`{r.name}` SELECT" in text
     for stmt in m.statements:
         stmt.format(db="`x`", on_cluster="")  # no stray braces
+
+
+def test_doctests():
+    import doctest
+
+    from stethoscope.dashboards import rollups
+
+    assert doctest.testmod(rollups).failed == 0
 
 
 def test_pick_rejects_an_unknown_tier():
@@ -268,25 +277,69 @@ def test_tier_conditions_choose_exactly_one_tier(live):
         assert [g for g in TIERS if row[f"b{g}"]] == [want], (span, interval)
         assert [g for g in TIERS if row[f"w{g}"]] == [0 if span <= LONG_RANGE_S else 60], (span, interval)
 
+    # A wide selection reads a rollup at any range and interval: the bucket is rounded up to whole minutes.
+    wide_cases = [(short, 10, 60), (short, 60, 60), (short, 90, 60), (long, 3599, 3600), (short, 3600, 3600)]
+    for span, interval, want in wide_cases:
+        ctx = QueryContext(start=1_700_000_000, end=1_700_000_000 + span, interval_s=interval)
+        for wide, narrow_want in (("1=1", want), ("0", None)):
+            cols = ", ".join(f"{tier_condition(g, True, wide)} AS b{g}, {tier_condition(g, False, wide)} AS w{g}"
+                             for g in TIERS)
+            (row,) = _rows(live, render(f"SELECT {cols}, {step_expr(wide)} AS step", ctx))["data"]
+            if narrow_want is None:  # not wide: exactly the plain conditions
+                assert row["step"] == interval
+                continue
+            assert [g for g in TIERS if row[f"b{g}"]] == [want], (span, interval)
+            assert [g for g in TIERS if row[f"w{g}"]] == [60], (span, interval)
+            assert row["step"] % 60 == 0 and interval <= row["step"] < interval + 60
+
 
 @pytest.mark.e2e
-def test_panels_really_read_the_rollup_for_long_ranges(live):
-    """Emptying the rollups empties long-range panels only (so the choice is not a no-op)."""
+def test_panels_really_read_the_rollup_for_long_ranges_and_many_nodes(live):
+    """Emptying the rollups empties the panels that should read them, and only those (so the choice is not a no-op)."""
     now = time.time()
     short = QueryContext(start=now - 3600, end=now + 300, interval_s=60)
     d = build.fleet()
     (p,) = [p for p in d["panels"] if p["title"] == "GPUs reporting"]
     sql = p["targets"][0]["rawSql"]
-    values = _values(d, False)
-    assert _rows(live, render(sql, short, values))["data"][0]["gpus"] == 4
-    assert _rows(live, render(sql, _long_context(60), values))["data"][0]["gpus"] == 4
+    node = Variable("node", multi=True, include_all=True)
+    every, one, three = _values(d, False), {**_values(d, False), node: ["node-a"]}, _values(d, False)
+    three[node] = ["node-a", "node-b", "node-c"]  # more than MAX_RAW_NODES: read as many
+    # What each reads when the rollups are full, and whether it should read them.
+    cases = [(short, one, 2, False), (short, every, 4, True), (short, three, 4, True),
+             (_long_context(60), one, 2, True), (_long_context(60), every, 4, True)]
+    for ctx, values, gpus, _ in cases:
+        assert _rows(live, render(sql, ctx, values))["data"][0]["gpus"] == gpus
     gauges = [r for r in ROLLUPS if r.source == "otel_metrics_gauge"]
     for r in gauges:
         live.store.execute(f"TRUNCATE TABLE {r.name}")
     try:
-        assert _rows(live, render(sql, short, values))["data"][0]["gpus"] == 4
-        assert _rows(live, render(sql, _long_context(60), values))["data"][0]["gpus"] == 0
+        for ctx, values, gpus, rolled in cases:
+            assert _rows(live, render(sql, ctx, values))["data"][0]["gpus"] == (0 if rolled else gpus)
     finally:
         # Refilling the minute rollup refills the hourly one too: its view reads the minute rollup.
         live.store.execute(backfill_statement(gauges[0], "`stethoscope`"))
-        assert _rows(live, render(sql, _long_context(60), values))["data"][0]["gpus"] == 4
+        assert _rows(live, render(sql, _long_context(60), every))["data"][0]["gpus"] == 4
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stem", ["fleet", "cost"])
+def test_many_nodes_read_the_rollups_in_whole_minutes_with_the_raw_numbers(live, stem):
+    """All nodes over a short range at 10 s: the minute rollup, and the same numbers as raw rows at 1 min."""
+    start = (int(time.time()) - 3 * 3600) // 60 * 60
+    at10 = QueryContext(start=start, end=time.time() + 300, interval_s=10)
+    at60 = QueryContext(start=start, end=at10.end, interval_s=60)
+    chosen = _panel_rows(live, stem, None, at10, False)
+    raw = _panel_rows(live, stem, 0, at60, False)
+    assert chosen and set(chosen) == set(raw)
+    assert not [t for t, rows in raw.items() if not rows]
+    for title, rows in raw.items():
+        assert _same(rows, chosen[title]), f"{stem} {title!r}: {rows} != {chosen[title]}"
+    # Buckets of whole minutes with All; one node stays on raw rows at 10 s buckets.
+    d = _BUILDERS[stem]()
+    (p,) = [p for p in d["panels"] if p["title"] == ("GPU utilization" if stem == "fleet" else "GPU cost over time")]
+    wide = _rows(live, render(p["targets"][0]["rawSql"], at10, _values(d, False)))["data"]
+    assert wide and all(str(r["time"]).endswith(":00") for r in wide)
+    one = {**_values(d, False), Variable("node", multi=True, include_all=True): ["node-a"]}
+    narrow = _rows(live, render(p["targets"][0]["rawSql"], at10, one))["data"]
+    (raw_p,) = [x for x in _BUILDERS[stem](0)["panels"] if x["title"] == p["title"]]
+    assert narrow and _same(narrow, _rows(live, render(raw_p["targets"][0]["rawSql"], at10, one))["data"])
