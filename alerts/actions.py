@@ -50,6 +50,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,7 +58,15 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, PluginError, StethoscopeError
-from .guards import DECISIONS, Decision, Ledger, Limits, Request, bound_replicas, parse_change
+from .guards import (
+    DECISIONS,
+    Decision,
+    Ledger,
+    Limits,
+    Request,
+    bound_replicas,
+    parse_change,
+)
 from .k8s import SCALE_KINDS, KubeClient, valid_name
 from .rules import ActionSpec, Rule, render_template
 from .signing import sign_headers
@@ -197,7 +206,7 @@ def _templated(v: Any) -> bool:
     return isinstance(v, str) and "{{" in v
 
 
-class Action:
+class Action(ABC):
     """Base of the built-in actions: a ``name``, the mapping ``keys`` it takes, and the five hooks."""
 
     name = ""
@@ -222,12 +231,13 @@ class Action:
         """Why a rendered ``target`` is unusable (it may come from telemetry labels), or ``None``."""
         return None if target else "empty target"
 
+    @abstractmethod
     def plan(self, target: str, params: Mapping[str, Any], info: AlertInfo) -> dict[str, Any]:
         """What ``execute`` would do, without doing anything (recorded by a dry run)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def execute(self, target: str, params: Mapping[str, Any], info: AlertInfo) -> Outcome:
-        raise NotImplementedError
+        """Do it; the :class:`Outcome` says what happened (or why it was skipped)."""
 
 
 def _check_url_and_env(params: Mapping[str, Any], *, url_key: str = "url", secret: str = "", token: str = "") -> Problems:

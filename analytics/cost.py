@@ -32,6 +32,7 @@ Examples:
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,8 +97,9 @@ class _Bucketed(_Detector):
             slot[2] += 1
         return True
 
-    def _close(self, bucket: _Bucket, end: float) -> list[Finding]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _close(self, bucket: _Bucket, end: float) -> list[Finding]:
+        """The findings of a bucket that ended at ``end``."""
 
 
 @register_anomaly("fleet_cost")

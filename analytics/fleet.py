@@ -33,6 +33,7 @@ Examples:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
@@ -96,7 +97,7 @@ def label(v: Any) -> str:
     return ""
 
 
-class _Detector:
+class _Detector(ABC):
     """Common plumbing: validates ``time``, counts what is ignored, never raises on input."""
 
     name = ""
@@ -119,15 +120,17 @@ class _Detector:
             return []
         return out
 
-    def _update(self, obs: Observation, t: float) -> list[Finding] | None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _update(self, obs: Observation, t: float) -> list[Finding] | None:
+        """The findings of one observation at ``t``; ``None`` when it was not usable."""
 
     def reset(self) -> None:
         self.n_ignored = 0
         self._reset()
 
-    def _reset(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _reset(self) -> None:
+        """Forget the subclass's state (its episodes, windows, baselines)."""
 
 
 def gpu_key(obs: Observation) -> tuple[str, str] | None:

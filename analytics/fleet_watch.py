@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -82,7 +83,7 @@ def _in(names: Iterable[str]) -> str:
     return "(" + ", ".join(_lit(n) for n in names) + ")"
 
 
-class _Watch:
+class _Watch(ABC):
     """Watermark handling shared by the three watches."""
 
     name = ""
@@ -126,8 +127,9 @@ class _Watch:
         self.watermark_ns = end
         return out
 
+    @abstractmethod
     def _observations(self, store: Any, where: str, start_ns: int, first: bool) -> list[dict[str, Any]]:
-        raise NotImplementedError  # pragma: no cover
+        """The observations stored since ``start_ns`` that this watch's detectors read."""
 
 
 class _Counters:

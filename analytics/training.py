@@ -47,6 +47,7 @@ Examples
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -155,7 +156,7 @@ def _count(problems: list[str], **values: int) -> None:
             problems.append(f"{name}: must be an integer >= 1, got {v!r}")
 
 
-class _PerRank:
+class _PerRank(ABC):
     """Shared bookkeeping: context parsing, per-(job, rank) state, ignored counts, findings."""
 
     name = ""
@@ -184,8 +185,9 @@ class _PerRank:
             self.n_ignored += 1
             return []
 
+    @abstractmethod
     def _update(self, c: Context, obs: Mapping[str, Any]) -> list[Finding]:
-        raise NotImplementedError
+        """The findings of one valid observation (the subclass's rule)."""
 
     # job-level incidents: report once per job while any rank is in one
     def _begin(self, c: Context) -> bool:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from abc import ABC, abstractmethod
 from typing import Any
 
 __all__ = ["Periodic"]
 
 
-class Periodic:
+class Periodic(ABC):
     _thread_name = "stethoscope-periodic"
     _run_name = "run"
     _log = logging.getLogger(__name__)
@@ -28,8 +29,9 @@ class Periodic:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def run_once(self, now: float | None = None) -> Any:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    @abstractmethod
+    def run_once(self, now: float | None = None) -> Any:
+        """One pass of the subclass's work at ``now``."""
 
     def start(self) -> None:
         """Run :meth:`run_once` every ``interval_s`` on a daemon thread (first run after one interval)."""
