@@ -19,6 +19,7 @@ message naming the file and, for mismatched schemas, the columns missing on each
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,15 @@ class Tables:
     non_numeric: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def read_table(path: str | Path) -> Any:
-    """The file as a ``pyarrow.Table``; :class:`DecodeError` when it cannot be read."""
+def read_table(path: str | Path, *, feature: str = "reading tables for drift checks",
+               csv_null_values: Sequence[str] | None = None, require_rows: bool = True) -> Any:
+    """The file as a ``pyarrow.Table``; :class:`DecodeError` when it cannot be read.
+
+    CSV, TSV (also gzip- or bzip2-compressed) or Parquet, by the file's suffix.
+    ``csv_null_values`` replaces pyarrow's list of the texts read as missing (for
+    callers to whom ``nan`` is a value); ``require_rows=False`` leaves an empty table
+    for the caller to judge. ``feature`` names the work in a missing-extra error.
+    """
     path = Path(path)
     if not path.is_file():
         raise DecodeError(f"{path}: no such file")
@@ -57,14 +65,16 @@ def read_table(path: str | Path) -> Any:
     if suffixes and suffixes[-1] in (".gz", ".bz2"):
         suffixes = suffixes[:-1]
     ext = suffixes[-1] if suffixes else ""
-    pa = require("pyarrow", extra="server", feature="reading tables for drift checks")
+    pa = require("pyarrow", extra="server", feature=feature)
     try:
         if ext in _PARQUET:
             table = require("pyarrow.parquet", extra="server", feature="reading Parquet").read_table(path)
         elif ext in _CSV:
             csv = require("pyarrow.csv", extra="server", feature="reading CSV")
             parse = csv.ParseOptions(delimiter="\t" if ext == ".tsv" else ",")
-            table = csv.read_csv(path, parse_options=parse)
+            convert = (csv.ConvertOptions() if csv_null_values is None else
+                       csv.ConvertOptions(null_values=list(csv_null_values), strings_can_be_null=True))
+            table = csv.read_csv(path, parse_options=parse, convert_options=convert)
         else:
             raise DecodeError(f"{path}: unsupported file type {ext or '(none)'!r}; use .csv, .tsv or .parquet")
     except DecodeError:
@@ -72,6 +82,8 @@ def read_table(path: str | Path) -> Any:
     except (pa.ArrowException, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DecodeError(f"{path}: cannot read as {ext.lstrip('.')}: {first}") from exc
+    if not require_rows:
+        return table
     if table.num_columns == 0:
         raise DecodeError(f"{path}: the file has no columns")
     if table.num_rows == 0:

@@ -29,12 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .._extras import require
 from ..errors import ConfigError, DecodeError
 from .anomaly import ANOMALY_REGISTRY
 from .distributed import DISTRIBUTED_DETECTORS
 from .findings import Finding
 from .sql import literal as _lit
+from .tabular_io import read_table
 from .training import TRAINING_DETECTORS
 
 __all__ = ["DEFAULT_DETECTORS", "JOB_EVENTS", "REQUIRED_COLUMNS", "StepTable", "TrainingAnalyzer", "TrainingWatch",
@@ -244,30 +244,9 @@ def _parse_number(v: Any) -> tuple[float | None, bool]:
 
 
 def _read(path: Path) -> Any:
-    if not path.is_file():
-        raise DecodeError(f"{path}: no such file")
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in (".gz", ".bz2"):
-        suffixes = suffixes[:-1]
-    ext = suffixes[-1] if suffixes else ""
-    pa = require("pyarrow", extra="server", feature="reading step tables")
-    try:
-        if ext in (".parquet", ".pq"):
-            table = require("pyarrow.parquet", extra="server", feature="reading Parquet").read_table(path)
-        elif ext in (".csv", ".tsv", ".txt"):
-            csv = require("pyarrow.csv", extra="server", feature="reading CSV")
-            # "nan" and "inf" are values here (a NaN loss is what we look for), not missing
-            convert = csv.ConvertOptions(null_values=["", "NULL", "null", "NA", "N/A"], strings_can_be_null=True)
-            table = csv.read_csv(path, parse_options=csv.ParseOptions(delimiter="\t" if ext == ".tsv" else ","),
-                                 convert_options=convert)
-        else:
-            raise DecodeError(f"{path}: unsupported file type {ext or '(none)'!r}; use .csv, .tsv or .parquet")
-    except DecodeError:
-        raise
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DecodeError(f"{path}: cannot read as {ext.lstrip('.')}: {first}") from exc
-    return table
+    # "nan" and "inf" are values here (a NaN loss is what we look for), not missing
+    return read_table(path, feature="reading step tables", require_rows=False,
+                      csv_null_values=("", "NULL", "null", "NA", "N/A"))
 
 
 def read_step_table(path: str | Path) -> StepTable:
