@@ -93,24 +93,32 @@ def _raw_chdb(workdir: Path, requests: list[bytes]) -> dict:
             "parse_only_rate": parse_only}
 
 
-def _e2e(workdir: Path, requests: list[bytes], clients: int, journal: bool = True) -> dict:
+def start_up(data_dir: Path, env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, int, int]:
+    """``stethoscope up`` pinned to the server core, logging to a file (a full pipe would stall
+    its logging); waits for ``/healthz``. Returns the process and its OTLP and SQL ports."""
     otlp, sql = free_port(), free_port()
-    name = "e2e" if journal else "e2e-nojournal"
-    cmd = [sys.executable, "-m", "stethoscope", "up", "--data-dir", str(workdir / name),
+    cmd = [sys.executable, "-m", "stethoscope", "up", "--data-dir", str(data_dir),
            "--otlp-http-port", str(otlp), "--sql-port", str(sql), "--log-level", "WARNING"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env,
+                                preexec_fn=lambda: _pin(SERVER_CPU))
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{otlp}/healthz", timeout=2):
+                return proc, otlp, sql
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("up did not start: " + log_path.read_text()) from None
+            time.sleep(0.2)
+
+
+def _e2e(workdir: Path, requests: list[bytes], clients: int, journal: bool = True) -> dict:
+    name = "e2e" if journal else "e2e-nojournal"
     env = {**os.environ, "STETHOSCOPE_STORE_JOURNAL": "true" if journal else "false"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                            preexec_fn=lambda: _pin(SERVER_CPU))
+    proc, otlp, sql = start_up(workdir / name, env, workdir / f"{name}.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{otlp}/healthz", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("up did not start: " + proc.stderr.read().decode()) from None
-                time.sleep(0.2)
         _pin(CLIENT_CPU)
         queue = list(enumerate(requests))
         lock = threading.Lock()

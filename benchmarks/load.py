@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,9 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from stethoscope._net import free_port
-
-from .ingest import CLIENT_CPU, SERVER_CPU, _pin
+from .ingest import CLIENT_CPU, _pin, start_up
 from .workload import gauge_request
 
 
@@ -91,24 +88,10 @@ def _agent_process(port: int, first: int, count: int, points: int, until: float,
 def run(agents: int = 100, seconds: float = 60.0, points: int = 200, queue_max_rows: int = 20_000,
         processes: int = 4) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="stethoscope-load-"))
-    otlp, sql = free_port(), free_port()
     env = {**os.environ, "STETHOSCOPE_STORE_QUEUE_MAX_ROWS": str(queue_max_rows),
            "STETHOSCOPE_ANALYTICS_ENABLED": "false", "STETHOSCOPE_ALERTS_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "stethoscope", "up", "--data-dir", str(workdir / "data"),
-           "--otlp-http-port", str(otlp), "--sql-port", str(sql), "--log-level", "WARNING"]
-    log = open(workdir / "up.log", "wb")  # a file, not a pipe: a full pipe would stall up's logging
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env,
-                            preexec_fn=lambda: _pin(SERVER_CPU))
+    proc, otlp, sql = start_up(workdir / "data", env, workdir / "up.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{otlp}/healthz", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("up did not start: " + (workdir / "up.log").read_text()) from None
-                time.sleep(0.2)
         rss = [(0.0, _rss_bytes(proc.pid))]
         ctx = multiprocessing.get_context("fork")
         queue = ctx.Queue()
@@ -142,7 +125,6 @@ def run(agents: int = 100, seconds: float = 60.0, points: int = 200, queue_max_r
     finally:
         proc.terminate()
         proc.wait(60)
-        log.close()
         shutil.rmtree(workdir, ignore_errors=True)
     tenth = max(1, len(rss) // 10)
     early = rss[1 : 1 + tenth] or rss[:1]
