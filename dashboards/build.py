@@ -65,9 +65,7 @@ def _links(own: str) -> list[Json]:
 
 # ---------------------------------------------------------------- shared SQL pieces
 
-_NODE = "ResourceAttributes['host.name']"
 _HOURLY_GAUGE = next(r.name for r in ROLLUPS if r.source == GAUGE.raw_table and r.grain_s == 3600)
-_GPU = "Attributes['gpu.index']"
 # Filters as templates for rollups.pick: {use}, {where}, {node}, {cluster}, {gpu} are filled per tier.
 _GPU_FILTER_T = (
     "$__conditionalAll({cluster} IN ($cluster), $cluster)"
@@ -86,24 +84,29 @@ _MODEL_COL = ("$__conditionalAll(Model IN ($model), $model)"
               " AND $__conditionalAll(ModelVersion IN ($version), $version)")
 
 
+# The GPU variables list what the hourly rollup holds for the hours the range touches: one
+# row per GPU and hour, with node and GPU in their own columns, where the raw table has a
+# row per GPU every 10 s with both inside maps (a list offered a little wider than the range
+# costs nothing; at 100M rows the raw query took seconds on every dashboard load).
+_GPU_HOURS = (f"FROM {_HOURLY_GAUGE} WHERE MetricName = 'gpu.utilization'"
+              " AND Time >= toStartOfInterval($__fromTime, INTERVAL 3600 second) AND Time <= $__toTime")
+
+
 def _cluster_var() -> Json:
-    return query_variable("cluster", "Cluster", """
-        SELECT DISTINCT ResourceAttributes['k8s.cluster.name'] FROM otel_metrics_gauge
-        WHERE MetricName = 'gpu.utilization' AND $__timeFilter(TimeUnix) ORDER BY 1""")
+    return query_variable("cluster", "Cluster", f"""
+        SELECT DISTINCT Cluster {_GPU_HOURS} ORDER BY 1""")
 
 
 def _node_var() -> Json:
     return query_variable("node", "Node", f"""
-        SELECT DISTINCT {_NODE} FROM otel_metrics_gauge
-        WHERE MetricName = 'gpu.utilization' AND $__timeFilter(TimeUnix)
-        AND $__conditionalAll(ResourceAttributes['k8s.cluster.name'] IN ($cluster), $cluster) ORDER BY 1""")
+        SELECT DISTINCT Node {_GPU_HOURS}
+        AND $__conditionalAll(Cluster IN ($cluster), $cluster) ORDER BY 1""")
 
 
 def _gpu_var() -> Json:
     return query_variable("gpu", "GPU", f"""
-        SELECT DISTINCT {_GPU} FROM otel_metrics_gauge
-        WHERE MetricName = 'gpu.utilization' AND $__timeFilter(TimeUnix)
-        AND $__conditionalAll({_NODE} IN ($node), $node) ORDER BY toUInt32OrZero({_GPU})""")
+        SELECT DISTINCT Gpu {_GPU_HOURS}
+        AND $__conditionalAll(Node IN ($node), $node) ORDER BY toUInt32OrZero(Gpu)""")
 
 
 def _model_vars(source: str) -> list[Json]:
@@ -155,12 +158,62 @@ def _total(template: str, force: int | None, dialect=GAUGE, order_by: str = "", 
     return pick(template, dialect, bucketed=False, order_by=order_by, force=force, wide=wide)
 
 
-def _gpu_series(metric: str, force: int | None, agg: str = "{avg}") -> str:
+#: With more than MAX_RAW_NODES nodes (or All) selected, a per-GPU time series draws the
+#: spread of the selected GPUs (:data:`FLEET_QUANTILES`) and this many GPUs that stand out
+#: over the range, instead of a line per GPU: thousands of lines cost seconds to send and
+#: draw, and nobody can tell them apart.
+OUTLIER_GPUS = 5
+#: Quantiles across the selected GPUs' values in each bucket, and their series names.
+FLEET_QUANTILES = {0.05: "fleet p5", 0.5: "fleet median", 0.95: "fleet p95"}
+#: How each kind of outlier ranks GPUs over the range, from a rollup's columns.
+_RANK = {"lowest mean": "sum(Sum) / sum(Count) ASC", "highest mean": "sum(Sum) / sum(Count) DESC",
+         "highest max": "max(Max) DESC", "lowest min": "min(Min) ASC"}
+
+
+def _gpu_series(metric: str, force: int | None, agg: str = "{avg}", outliers: str = "highest max") -> str:
+    """One line per GPU, or with many nodes selected the fleet's spread and the ``outliers``.
+
+    The outliers are ranked over the whole range from the rollups (whole hours plus the
+    minutes at either end, as whole-range panels read them), then drawn bucket by
+    bucket from the same rows as the spread: one pass over the panel's rows, with a few
+    hundred rows returned whatever the fleet's size.
+    """
+    wide = _WIDE_NODES if force is None else "0"  # force pins a tier and keeps a line per GPU
+    ranked = GAUGE.at(60, whole=True)
+    names = "[" + ", ".join(f"'{n}'" for n in FLEET_QUANTILES.values()) + "]"
+    levels = ", ".join(str(q) for q in FLEET_QUANTILES)
+    filter_rollup = _GPU_FILTER_T.format(cluster="Cluster", node="Node", gpu="Gpu")
     return _series(f"""
 SELECT {{bucket}} AS time, concat({{node}}, '/', {{gpu}}) AS gpu, {agg} AS value
 FROM {{table}}
-WHERE MetricName = '{metric}' AND """ + _GPU_WHERE_T + """
-GROUP BY time, gpu""", force, wide=_WIDE_NODES)
+WHERE MetricName = '{metric}' AND NOT ({wide}) AND """ + _GPU_WHERE_T + f"""
+GROUP BY time, gpu
+UNION ALL
+SELECT time, s.1 AS gpu, s.2 AS value
+FROM (
+  SELECT time, arrayConcat(arrayZip({names}, quantilesExactInclusive({levels})(value)),
+                           groupArrayIf((concat(node, '/', gpu), value), outlier)) AS series
+  FROM (
+    SELECT time, node, gpu, value, (node, gpu) IN (
+        SELECT Node, Gpu FROM {ranked["table"]}
+        WHERE {{use}} AND {wide} AND MetricName = '{metric}' AND {ranked["where"]} AND {filter_rollup}
+        GROUP BY Node, Gpu
+        ORDER BY {_RANK[outliers]}, Node, Gpu
+        LIMIT {OUTLIER_GPUS}) AS outlier
+    FROM (
+      SELECT {{bucket}} AS time, {{node}} AS node, {{gpu}} AS gpu, {agg} AS value
+      FROM {{table}}
+      WHERE MetricName = '{metric}' AND {wide} AND """ + _GPU_WHERE_T + """
+      GROUP BY time, node, gpu))
+  GROUP BY time)
+ARRAY JOIN series AS s""", force, wide=_WIDE_NODES)
+
+
+def _gpu_description(what: str, outliers: str) -> str:
+    spread = ", ".join(FLEET_QUANTILES.values())
+    return (f"{what} One line per GPU while at most {MAX_RAW_NODES} nodes are selected; with more (or All), "
+            f"the selected GPUs' {spread} in each bucket and the {OUTLIER_GPUS} GPUs with the {outliers} "
+            "over the range.")
 
 
 # Raw rows carry the throttle reason in each row's Attributes. A rollup carries it too,
@@ -210,12 +263,17 @@ SELECT sum(errors) AS xid_errors FROM (
   SELECT {_INCREASE} AS errors FROM {{table}}
   WHERE MetricName = 'gpu.xid.errors' AND """ + _GPU_WHERE_T + """
   GROUP BY {node}, {gpu}, Attributes['gpu.xid'])""", force, SUM, wide=_WIDE_NODES), decimals=0), 6, 4),
-        (timeseries("GPU utilization", _gpu_series("gpu.utilization", force), unit="percentunit"), 12, 8),
-        (timeseries("GPU memory used", _gpu_series("gpu.memory.used", force, "{max}"), unit="bytes"), 12, 8),
-        (timeseries("GPU temperature", _gpu_series("gpu.temperature", force, "{max}"), unit="celsius"), 12, 8),
-        (timeseries("GPU power draw", _gpu_series("gpu.power.draw", force), unit="watt"), 12, 8),
-        (timeseries("SM clock", _gpu_series("gpu.clock.sm", force), unit="hertz",
-                    description="MHz; drops under thermal or power slowdown"), 12, 8),
+        (timeseries("GPU utilization", _gpu_series("gpu.utilization", force, outliers="lowest mean"),
+                    unit="percentunit", description=_gpu_description("Mean utilization.", "lowest mean")), 12, 8),
+        (timeseries("GPU memory used", _gpu_series("gpu.memory.used", force, "{max}"), unit="bytes",
+                    description=_gpu_description("Peak memory used.", "highest max")), 12, 8),
+        (timeseries("GPU temperature", _gpu_series("gpu.temperature", force, "{max}"), unit="celsius",
+                    description=_gpu_description("Peak temperature.", "highest max")), 12, 8),
+        (timeseries("GPU power draw", _gpu_series("gpu.power.draw", force, outliers="highest mean"), unit="watt",
+                    description=_gpu_description("Mean power draw.", "highest mean")), 12, 8),
+        (timeseries("SM clock", _gpu_series("gpu.clock.sm", force, outliers="lowest min"), unit="hertz",
+                    description=_gpu_description("Mean SM clock in MHz; it drops under thermal or power "
+                                                 "slowdown.", "lowest min")), 12, 8),
         (timeseries("GPUs throttled, by reason", _series(_THROTTLED, force, wide=_WIDE_NODES),
                     stacked=True, bars=True), 12, 8),
         (table("XID and ECC errors by GPU", _total(f"""
