@@ -7,6 +7,9 @@ ClickHouse plugin (HTTP protocol) and ``clickhouse-connect`` use: queries by
 (``default_format`` or a ``FORMAT`` clause; TabSeparated by default), compressed
 request bodies, compressed responses with ``enable_http_compression=1``, ``/ping``,
 and errors as ClickHouse reports them (``X-ClickHouse-Exception-Code``).
+``FORMAT Native`` follows the ``client_protocol_version`` a client sends, as
+ClickHouse does (:mod:`.native_frame`); clickhouse-go, and so Grafana's plugin in
+HTTP mode, needs it.
 
 Read-only unless ``writable`` is set: writes are refused up front (403, code 164)
 and reads run under ClickHouse's ``readonly=1``, which also blocks table
@@ -34,6 +37,7 @@ from urllib.parse import parse_qs
 from stethoscope.errors import StoreError, StoreUnavailable
 
 from .http_common import BaseHandler, BodyError, decompress
+from .native_frame import NativeFrameError, reframe
 from .store import READ_ONLY_VERBS
 
 __all__ = ["SqlHandler", "first_verb", "split_insert", "error_status", "WRITE_VERBS"]
@@ -238,6 +242,13 @@ class SqlHandler(BaseHandler):
         if not _QUERY_ID.match(query_id):  # it is echoed in a response header
             self._error(400, "query_id must be 1 to 256 printable ASCII characters without spaces", 36, "BAD_ARGUMENTS")
             return
+        try:
+            revision = int(params.get("client_protocol_version") or 0)
+            if revision < 0:
+                raise ValueError
+        except ValueError:
+            self._error(400, "client_protocol_version must be a whole number >= 0", 36, "BAD_ARGUMENTS")
+            return
         started = time.perf_counter_ns()
         try:
             if insert is not None:
@@ -254,6 +265,8 @@ class SqlHandler(BaseHandler):
                     return
                 res = store.query(query, fmt, readonly=not writable)
                 data = res.data
+                if fmt == "Native" and revision:
+                    data = reframe(data, revision)
                 summary = {
                     "read_rows": res.rows_read,
                     "read_bytes": res.bytes_read,
@@ -262,6 +275,11 @@ class SqlHandler(BaseHandler):
                     "result_rows": res.result_rows,
                     "result_bytes": len(data),
                 }
+        except NativeFrameError as exc:
+            self.metrics.sql_queries.labels(outcome="error").inc()
+            self._error(400, f"cannot send this result in Native format at protocol revision {revision}: {exc}", 48,
+                        "NOT_IMPLEMENTED", reason="query_error")
+            return
         except StoreError as exc:
             self.metrics.sql_queries.labels(outcome="error").inc()
             code = exc.code or 0
