@@ -207,3 +207,28 @@ def test_truncated_or_unknown_data_raises_instead_of_sending_garbage():
         (0x0607).to_bytes(8, "little")
     with pytest.raises(NativeFrameError, match="index type 7"):
         reframe(lc, GO_REVISION)
+
+
+@pytest.mark.e2e
+def test_every_dashboard_query_reads_back_in_native_as_grafana_asks(up):
+    """Every panel, variable and annotation query, as the plugin sends it over HTTP, decodes to the JSON answer's rows."""
+    from stethoscope.dashboards.build import build_all
+    from stethoscope.dashboards.macros import render
+    from stethoscope.dashboards.validate import queries
+    from test_dashboards import _context, _fill, _values
+
+    _fill(up)
+    ctx, checked = _context(), 0
+    for d in build_all():
+        for concrete in (False, True):
+            values = _values(d, concrete)
+            for where, _, raw in queries(d):
+                text = render(raw, ctx, values)
+                body, _ = _post(up, text, default_format="Native", client_protocol_version=GO_REVISION,
+                                database="stethoscope")
+                columns, rows, _ = _decode(body, GO_REVISION) if body else ([], [], 0)
+                meta, want = _json(up, text)
+                assert len(rows) == len(want), f"{d['uid']} {where}"
+                assert not rows or [c[0] for c in columns] == [m["name"] for m in meta], f"{d['uid']} {where}"
+                checked += bool(rows)
+    assert checked > 50
