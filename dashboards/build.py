@@ -176,7 +176,8 @@ def _gpu_series(metric: str, force: int | None, agg: str = "{avg}", outliers: st
     The outliers are ranked over the whole range from the rollups (whole hours plus the
     minutes at either end, as whole-range panels read them), then drawn bucket by
     bucket from the same rows as the spread: one pass over the panel's rows, with a few
-    hundred rows returned whatever the fleet's size.
+    hundred rows returned whatever the fleet's size. The pass groups by a hash of node
+    and GPU, not by the two strings, which took 3.5 times as long at 100M rows.
     """
     wide = _WIDE_NODES if force is None else "0"  # force pins a tier and keeps a line per GPU
     ranked = GAUGE.at(60, whole=True)
@@ -192,19 +193,20 @@ UNION ALL
 SELECT time, s.1 AS gpu, s.2 AS value
 FROM (
   SELECT time, arrayConcat(arrayZip({names}, quantilesExactInclusive({levels})(value)),
-                           groupArrayIf((concat(node, '/', gpu), value), outlier)) AS series
+                           groupArrayIf((name, value), name != '')) AS series
   FROM (
-    SELECT time, node, gpu, value, (node, gpu) IN (
-        SELECT Node, Gpu FROM {ranked["table"]}
-        WHERE {{use}} AND {wide} AND MetricName = '{metric}' AND {ranked["where"]} AND {filter_rollup}
-        GROUP BY Node, Gpu
-        ORDER BY {_RANK[outliers]}, Node, Gpu
-        LIMIT {OUTLIER_GPUS}) AS outlier
+    WITH (SELECT (groupArray(key), groupArray(name)) FROM (
+            SELECT cityHash64(Node, Gpu) AS key, concat(Node, '/', Gpu) AS name FROM {ranked["table"]}
+            WHERE {{use}} AND {wide} AND MetricName = '{metric}' AND {ranked["where"]} AND {filter_rollup}
+            GROUP BY Node, Gpu
+            ORDER BY {_RANK[outliers]}, Node, Gpu
+            LIMIT {OUTLIER_GPUS})) AS top
+    SELECT time, value, transform(key, top.1, top.2, '') AS name
     FROM (
-      SELECT {{bucket}} AS time, {{node}} AS node, {{gpu}} AS gpu, {agg} AS value
+      SELECT {{bucket}} AS time, cityHash64({{node}}, {{gpu}}) AS key, {agg} AS value
       FROM {{table}}
       WHERE MetricName = '{metric}' AND {wide} AND """ + _GPU_WHERE_T + """
-      GROUP BY time, node, gpu))
+      GROUP BY time, key))
   GROUP BY time)
 ARRAY JOIN series AS s""", force, wide=_WIDE_NODES)
 
