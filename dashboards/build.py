@@ -570,6 +570,41 @@ FROM findings
 WHERE {_ALERT_WHERE}
 ORDER BY time DESC
 LIMIT 500"""), 24, 12),
+        (table("Alerts now", """
+SELECT Rule AS rule, State AS state, JSONExtractString(Body, 'subject') AS subject,
+       toDateTime64(JSONExtractFloat(Body, 'active_since'), 3) AS since,
+       if(JSONHas(Body, 'fired_at') AND JSONType(Body, 'fired_at') != 'Null',
+          toDateTime64(JSONExtractFloat(Body, 'fired_at'), 3), NULL) AS fired_at,
+       JSONExtract(Body, 'value', 'Nullable(Float64)') AS value
+FROM alerts
+WHERE Kind = 'alert' AND Version = (SELECT max(Version) FROM alerts)
+ORDER BY state = 'firing' DESC, since DESC""",
+               description="The alert runner's newest state snapshot: pending and firing alerts, whatever the "
+                           "time range."), 24, 6),
+        (timeseries("Notifications, by delivery outcome", """
+SELECT $__timeInterval(Time) AS time, Status AS outcome, count() AS attempts
+FROM notification_attempts
+WHERE $__timeFilter(Time) AND Status != 'queued'
+GROUP BY time, outcome
+ORDER BY time""", stacked=True, bars=True,
+                    description="Delivery attempts to Alertmanager, webhooks, PagerDuty and Slack: delivered, "
+                                "retry (tried again later), failed (refused for good), expired (gave up)."), 12, 8),
+        (table("Alert history", """
+SELECT Time AS time, Rule AS rule, JSONExtractString(Body, 'status') AS status,
+       JSONExtractString(Body, 'severity') AS severity, JSONExtractString(Body, 'subject') AS subject,
+       Notifier AS receiver
+FROM notification_attempts
+WHERE $__timeFilter(Time) AND Status = 'queued'
+ORDER BY time DESC
+LIMIT 500""", description="Every notification the runner queued (firing, repeat, resolved), per receiver."), 12, 8),
+        (table("Remediation audit", """
+SELECT Time AS time, Action AS action, Target AS target, Rule AS rule, Decision AS decision, Reason AS reason,
+       DryRun AS dry_run, Result AS result
+FROM actions
+WHERE $__timeFilter(Time)
+ORDER BY time DESC
+LIMIT 500""", description="Every remediation decision: taken, dry run, pending approval, refused by a guard "
+                          "(and which), or failed."), 24, 10),
     ]
     return dashboard("stethoscope-alerts", _TITLES["stethoscope-alerts"], tags=["alerts"], panels=panels,
                      description="Warning and critical findings over time and as a table.",

@@ -18,11 +18,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = [
+    "ACTION_ANNOTATION_SQL",
+    "ALERT_ANNOTATION_SQL",
     "DATASOURCE",
     "FORMAT_LOGS",
     "FORMAT_TABLE",
     "FORMAT_TIME_SERIES",
     "PLUGIN_ID",
+    "annotation",
     "arrange",
     "barchart",
     "constant_variable",
@@ -149,8 +152,35 @@ def custom_variable(name: str, label: str, values: Sequence[str]) -> Json:
 
 def findings_annotation(sql: str) -> Json:
     """Warning and critical findings as annotations (columns ``time``, ``text``, ``tags``)."""
-    return {"name": "Findings", "enable": True, "hide": False, "iconColor": "red", "datasource": dict(DATASOURCE),
+    return annotation("Findings", sql, "red")
+
+
+def annotation(name: str, sql: str, color: str) -> Json:
+    """An annotation query of the plugin: rows of ``time``, ``text`` and ``tags`` (comma-separated)."""
+    return {"name": name, "enable": True, "hide": False, "iconColor": color, "datasource": dict(DATASOURCE),
             "target": target(sql, FORMAT_TABLE, "Annotations")}
+
+
+#: Alerts as the runner notified them: when each fired and resolved (once per alert, not per
+#: receiver or repeat), from the outbox's ``queued`` rows, which keep the notification.
+ALERT_ANNOTATION_SQL = """
+SELECT min(Time) AS time,
+       concat(upper(JSONExtractString(any(Body), 'status')), ' ', any(Rule), ': ',
+              JSONExtractString(any(Body), 'subject')) AS text,
+       concat('alert,', any(Rule), ',', JSONExtractString(any(Body), 'severity')) AS tags
+FROM notification_attempts
+WHERE $__timeFilter(Time) AND Status = 'queued' AND JSONExtractString(Body, 'reason') != 'repeat'
+GROUP BY Fingerprint, JSONExtractString(Body, 'status'), JSONExtractFloat(Body, 'starts_at')
+ORDER BY time"""
+
+#: Every remediation decision (taken, dry run, refused by a guard, failed) from the ``actions`` audit.
+ACTION_ANNOTATION_SQL = """
+SELECT Time AS time,
+       concat(Action, ' ', Target, ': ', Decision, if(Reason != '', concat(' (', Reason, ')'), '')) AS text,
+       concat('action,', Action, ',', Decision) AS tags
+FROM actions
+WHERE $__timeFilter(Time)
+ORDER BY time"""
 
 
 _BUILTIN_ANNOTATION = {
@@ -161,7 +191,12 @@ _BUILTIN_ANNOTATION = {
 
 def dashboard(uid: str, title: str, *, description: str, panels: Sequence[tuple[Json, int, int]],
               variables: Sequence[Json], annotation_sql: str, links: Sequence[Json], tags: Sequence[str] = ()) -> Json:
-    """A whole dashboard; ``id`` stays null so Grafana matches it by ``uid``."""
+    """A whole dashboard; ``id`` stays null so Grafana matches it by ``uid``.
+
+    Every dashboard carries three annotation queries: ``annotation_sql`` (its findings),
+    the alerts notified (:data:`ALERT_ANNOTATION_SQL`) and the remediation decisions
+    (:data:`ACTION_ANNOTATION_SQL`).
+    """
     return {
         "id": None,
         "uid": uid,
@@ -176,7 +211,9 @@ def dashboard(uid: str, title: str, *, description: str, panels: Sequence[tuple[
         "time": {"from": "now-6h", "to": "now"},
         "refresh": "1m",
         "templating": {"list": [datasource_variable(), *variables]},
-        "annotations": {"list": [dict(_BUILTIN_ANNOTATION), findings_annotation(annotation_sql)]},
+        "annotations": {"list": [dict(_BUILTIN_ANNOTATION), findings_annotation(annotation_sql),
+                                 annotation("Alerts", ALERT_ANNOTATION_SQL, "orange"),
+                                 annotation("Remediation actions", ACTION_ANNOTATION_SQL, "purple")]},
         "links": list(links),
         "panels": arrange(panels),
     }

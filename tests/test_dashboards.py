@@ -89,8 +89,9 @@ def test_dashboard_essentials(stem):
     assert {"type": "datasource", "name": "datasource"}.items() <= d["templating"]["list"][0].items()
     for where, _, text in queries(d):
         assert referenced_variables(text) <= names, where
-    (anno,) = [a for a in d["annotations"]["list"] if "target" in a]
-    assert "FROM findings" in anno["target"]["rawSql"] and "Severity != 'info'" in anno["target"]["rawSql"]
+    findings, alerted, acted = [a for a in d["annotations"]["list"] if "target" in a]
+    assert "FROM findings" in findings["target"]["rawSql"] and "Severity != 'info'" in findings["target"]["rawSql"]
+    assert "FROM notification_attempts" in alerted["target"]["rawSql"] and "FROM actions" in acted["target"]["rawSql"]
     others = {f"/d/{x['uid']}" for x in build_all()} - {f"/d/{d['uid']}"}
     assert {link["url"] for link in d["links"]} == others
 
@@ -263,11 +264,44 @@ def _fill(svc) -> None:
                 model_version="3", method="cv", statistic=0.42, severity="warning", drifted=True),
     ]
     assert FindingsWriter(svc.store).write(findings) == len(findings)
+    _fill_alerts(svc)
     for q in ("SELECT count() FROM otel_metrics_gauge WHERE MetricName = 'gpu.utilization'",
               "SELECT count() FROM otel_metrics_gauge WHERE MetricName = 'stethoscope.train.loss'",
               "SELECT count() FROM otel_metrics_histogram", "SELECT count() FROM samples",
               "SELECT count() FROM findings"):
         _wait(svc, q)
+
+
+def _fill_alerts(svc) -> None:
+    """Alert notifications from a real alert runner delivering to a signed webhook, and remediation decisions
+    written by the actions audit (a dry-run scale, and a cordon refused by a guard)."""
+    import tempfile
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from stethoscope.alerts.actions import StoreAudit
+    from stethoscope.alerts.guards import Decision
+    from test_alerts_runner import _Hook, drift, runner
+
+    _Hook.received, _Hook.errors = [], []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = runner(svc.store, Path(tempfile.mkdtemp(prefix="dash-alerts-")), f"http://127.0.0.1:{srv.server_address[1]}/h")
+        now = time.time()
+        writer = FindingsWriter(svc.store)
+        for t in (now - 240, now - 120, now - 60):
+            writer.write([drift(t)])
+            r.run_once(t)
+        assert _Hook.received and not _Hook.errors
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    StoreAudit(svc.store).write([
+        Decision(now - 50, "a1", "scale", "serving/fraud", "LatencyP99AboveSla", "fp1", "dry_run", "", True,
+                 {"replicas": "+1"}, {"plan": "replicas 2 -> 3"}),
+        Decision(now - 40, "a2", "cordon", "node-a", "GpuXidCritical", "fp2", "skipped", "rate limit: 1 per 1h", False),
+    ])
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +351,9 @@ TABLE_COLUMNS = {
     "Declared cost per 1,000 predictions, by model": ["model", "predictions", "declared_cost", "cost_per_1k"],
     "Findings": ["time", "severity", "kind", "subject", "method", "statistic", "p_value", "effect", "details"],
     "Findings by kind": ["kind", "warning", "critical"],
+    "Alerts now": ["rule", "state", "subject", "since", "fired_at", "value"],
+    "Alert history": ["time", "rule", "status", "severity", "subject", "receiver"],
+    "Remediation audit": ["time", "action", "target", "rule", "decision", "reason", "dry_run", "result"],
 }
 
 #: Panels that must return data from the fixture (with variables concrete and All).
@@ -327,7 +364,8 @@ CORE = {"GPU utilization", "GPU memory used", "GPU temperature", "GPU power draw
         "Per-feature drift (latest window)", "Drift statistic by feature", "Confidence coefficient of variation",
         "Predictions: sampled rows and estimated total", "Samples by stream", "GPU cost", "GPU cost over time",
         "Cost by node", "GPU cost per 1,000 predictions", "Findings over time, by severity", "Findings",
-        "Declared cost per 1,000 predictions, by model"}
+        "Declared cost per 1,000 predictions, by model", "Alerts now", "Alert history", "Remediation audit",
+        "Notifications, by delivery outcome"}
 
 
 def _is_numeric(t: str) -> bool:
@@ -406,7 +444,15 @@ def test_numbers_the_panels_show(live):
     (streams,) = one("drift", "Samples by stream")
     assert streams["estimated_predictions"] == pytest.approx(600, rel=0.25)
     assert streams["sampling_rate"] == pytest.approx(0.2, rel=0.25)
-    assert {r["severity"] for r in one("alerts", "Findings")} == {"warning", "critical"}
+    assert {r["severity"] for r in one("alerts", "Findings")} >= {"warning", "critical"}
+    history = one("alerts", "Alert history")
+    assert {(r["rule"], r["status"], r["receiver"]) for r in history} >= {("FeatureDrift", "firing", "webhook")}
+    assert {r["outcome"] for r in one("alerts", "Notifications, by delivery outcome")} == {"delivered"}
+    audit = {r["action"]: r for r in one("alerts", "Remediation audit")}
+    assert audit["cordon"]["decision"] == "skipped" and audit["cordon"]["reason"].startswith("rate limit")
+    assert audit["scale"]["dry_run"] and "replicas 2 -> 3" in audit["scale"]["result"]
+    now = [r for r in one("alerts", "Alerts now") if r["rule"] == "FeatureDrift"]
+    assert now and now[0]["state"] == "firing" and now[0]["fired_at"]
 
 
 @pytest.mark.e2e
