@@ -295,8 +295,22 @@ def _alerts(b: _Body) -> None:
     by = {str(x["severity"]): x["findings"] for x in counts}
     for sev in ("critical", "warning", *sorted(set(by) - {"critical", "warning"})):
         b.figure(f"findings_{sev}", f"{sev.capitalize()} findings", by.get(sev, 0), "int")
+    # The alert state at the end of the period: the newest snapshot taken inside it (the dashboard's
+    # "Alerts now" panel shows the newest one whatever the range).
+    alerts_now = r.sql(
+        "SELECT Rule AS rule, State AS state, JSONExtractString(Body, 'subject') AS subject, "
+        "toDateTime64(JSONExtractFloat(Body, 'active_since'), 3) AS since FROM alerts "
+        "WHERE Kind = 'alert' AND Version = (SELECT max(Version) FROM alerts WHERE Kind = 'snapshot' "
+        "AND Version >= toUnixTimestamp($__fromTime) * 1000 AND Version <= toUnixTimestamp($__toTime) * 1000) "
+        "ORDER BY state = 'firing' DESC, since DESC")
+    b.figure("alerts_firing", "Alerts firing at the end", sum(x.get("state") == "firing" for x in alerts_now), "int")
+    audit = r.panel("alerts", "Remediation audit")
+    b.figure("actions", "Remediation decisions", len(audit), "int")
     b.chart("Findings over time, by severity", r.panel("alerts", "Findings over time, by severity"), ["findings"])
+    b.table("Alerts at the end of the period", alerts_now)
     b.table("Latest findings", r.panel("alerts", "Findings"), drop=("details",))
+    b.table("Alert history", r.panel("alerts", "Alert history"))
+    b.table("Remediation audit", audit, drop=("result",))
 
 
 _SECTIONS: tuple[tuple[str, str, Callable[[_Body], None]], ...] = (

@@ -163,6 +163,11 @@ def test_figures_match_independent_queries(live, page):
     assert int(c.figures["findings_warning"]) == int(severities["warning"])
     assert float(c.figures["last_loss"]) == pytest.approx(2.0 / 12, rel=1e-3)
     assert c.figures["latency_p99"].endswith("ms") and c.figures["gpu_cost"].startswith("$")
+    firing = _one(live, "SELECT countIf(State = 'firing') AS n FROM alerts "
+                        "WHERE Kind = 'alert' AND Version = (SELECT max(Version) FROM alerts)")["n"]
+    assert int(c.figures["alerts_firing"]) == int(firing) >= 1
+    assert int(c.figures["actions"]) == 2 and "rate limit: 1 per 1h" in c.sections["alerts"]
+    assert "FeatureDrift" in c.sections["alerts"]
     assert "no data in this period" not in " ".join(c.sections[s] for s in ("fleet", "training", "inference"))
     assert html.count("<svg") == 9 and "query failed" not in html
     assert len(html) < 200_000, "the report is a summary, not a dump"
