@@ -286,13 +286,14 @@ def _fill_alerts(svc) -> None:
     _Hook.received, _Hook.errors = [], []
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
+    now = time.time()
     try:
-        r = runner(svc.store, Path(tempfile.mkdtemp(prefix="dash-alerts-")), f"http://127.0.0.1:{srv.server_address[1]}/h")
-        now = time.time()
-        writer = FindingsWriter(svc.store)
-        for t in (now - 240, now - 120, now - 60):
-            writer.write([drift(t)])
-            r.run_once(t)
+        with tempfile.TemporaryDirectory(prefix="dash-alerts-") as rules_dir:
+            r = runner(svc.store, Path(rules_dir), f"http://127.0.0.1:{srv.server_address[1]}/h")
+            writer = FindingsWriter(svc.store)
+            for t in (now - 240, now - 120, now - 60):
+                writer.write([drift(t)])
+                r.run_once(t)
         assert _Hook.received and not _Hook.errors
     finally:
         srv.shutdown()
