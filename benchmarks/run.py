@@ -18,6 +18,7 @@ BENCHMARKS = {
     "anomaly_fleet": "benchmarks.anomaly_fleet",
     "alerts": "benchmarks.alerts",
     "dashboards": "benchmarks.dashboards",
+    "dashboards_models": "benchmarks.dashboards_models",
     "load": "benchmarks.load",
     "cardinality": "benchmarks.cardinality",
     "faults": "benchmarks.faults",

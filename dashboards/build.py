@@ -17,6 +17,7 @@ from typing import Any
 
 from .histogram import bucket_quantile_sql
 from .panels import (
+    ANNOTATION_LIMIT,
     barchart,
     constant_variable,
     custom_variable,
@@ -92,6 +93,11 @@ _GPU_HOURS = (f"FROM {_HOURLY_GAUGE} WHERE MetricName = 'gpu.utilization'"
               " AND Time >= toStartOfInterval($__fromTime, INTERVAL 3600 second) AND Time <= $__toTime")
 
 
+_HOURLY_SUM = next(r.name for r in ROLLUPS if r.source == SUM.raw_table and r.grain_s == 3600)
+_REQUEST_HOURS = (f"FROM {_HOURLY_SUM} WHERE MetricName = 'stethoscope.model.requests'"
+                  " AND Time >= toStartOfInterval($__fromTime, INTERVAL 3600 second) AND Time <= $__toTime")
+
+
 def _cluster_var() -> Json:
     return query_variable("cluster", "Cluster", f"""
         SELECT DISTINCT Cluster {_GPU_HOURS} ORDER BY 1""")
@@ -111,10 +117,8 @@ def _gpu_var() -> Json:
 
 def _model_vars(source: str) -> list[Json]:
     if source == "metrics":
-        model = """SELECT DISTINCT Attributes['stethoscope.model'] FROM otel_metrics_sum
-            WHERE MetricName = 'stethoscope.model.requests' AND $__timeFilter(TimeUnix) ORDER BY 1"""
-        version = """SELECT DISTINCT Attributes['stethoscope.model.version'] FROM otel_metrics_sum
-            WHERE MetricName = 'stethoscope.model.requests' AND $__timeFilter(TimeUnix)
+        model = f"""SELECT DISTINCT Attributes['stethoscope.model'] {_REQUEST_HOURS} ORDER BY 1"""
+        version = f"""SELECT DISTINCT Attributes['stethoscope.model.version'] {_REQUEST_HOURS}
             AND $__conditionalAll(Attributes['stethoscope.model'] IN ($model), $model) ORDER BY 1"""
     else:
         model = """SELECT DISTINCT Model FROM samples WHERE $__timeFilter(Timestamp)
@@ -131,7 +135,8 @@ SELECT Time AS time, concat(upper(Severity), ' ', Kind, ': ', Subject) AS text,
        concat(Kind, ',', Severity) AS tags
 FROM findings
 WHERE $__timeFilter(Time) AND Severity != 'info'{extra}
-ORDER BY time"""
+ORDER BY time DESC
+LIMIT {ANNOTATION_LIMIT}"""
 
 
 #: Increase of one cumulative counter series over the range. A series whose counter started
@@ -146,6 +151,11 @@ _INCREASE = "if({start} >= $__fromTime, {max}, {max} - {min})"
 MAX_RAW_NODES = 2
 #: ``wide`` for :func:`~stethoscope.dashboards.rollups.pick`: All, or more than MAX_RAW_NODES nodes.
 _WIDE_NODES = f"$__conditionalAll(length([$node]) > {MAX_RAW_NODES}, $node)"
+#: The same for the training panels (All or more than one job) and the model panels (All or more
+#: than one model): thousands of ranks or pods are summed per bucket, and reading their raw rows
+#: (a map per row) over an hour took 0.3 s at 10M rows and seconds at 100M.
+_WIDE_JOBS = "$__conditionalAll(length([$job]) > 1, $job)"
+_WIDE_MODELS = "$__conditionalAll(length([$model]) > 1, $model)"
 
 
 def _series(template: str, force: int | None, dialect=GAUGE, order_by: str = "time", wide: str = "") -> str:
@@ -312,41 +322,42 @@ def _train_series(metric: str, force: int | None) -> str:
 SELECT $__timeInterval({{time}}) AS time, Attributes['stethoscope.train.job'] AS job, {{avg}} AS value
 FROM {{table}}
 WHERE MetricName = 'stethoscope.train.{metric}' AND """ + _JOB_WHERE_T + """
-GROUP BY time, job""", force)
+GROUP BY time, job""", force, wide=_WIDE_JOBS)
 
 
 def training(force: int | None = None) -> Json:
-    job_var = query_variable("job", "Job", """
-        SELECT DISTINCT Attributes['stethoscope.train.job'] FROM otel_metrics_gauge
-        WHERE MetricName = 'stethoscope.train.step' AND $__timeFilter(TimeUnix) ORDER BY 1""")
+    job_var = query_variable("job", "Job", f"""
+        SELECT DISTINCT Attributes['stethoscope.train.job'] FROM {_HOURLY_GAUGE}
+        WHERE MetricName = 'stethoscope.train.step'
+          AND Time >= toStartOfInterval($__fromTime, INTERVAL 3600 second) AND Time <= $__toTime ORDER BY 1""")
     panels = [
         (timeseries("Loss", _train_series("loss", force)), 12, 8),
         (timeseries("Gradient norm", _train_series("grad_norm", force)), 12, 8),
         (timeseries("Throughput", _series("""
-SELECT $__timeInterval({time}) AS time, Attributes['stethoscope.train.job'] AS job,
-       sumIf({value}, MetricName = 'stethoscope.train.tokens') / $__interval_s AS tokens_per_s
+SELECT {bucket} AS time, Attributes['stethoscope.train.job'] AS job,
+       sumIf({value}, MetricName = 'stethoscope.train.tokens') / {step} AS tokens_per_s
 FROM {table}
 WHERE MetricName = 'stethoscope.train.tokens' AND """ + _JOB_WHERE_T + """
-GROUP BY time, job""", force), unit="short", description="Tokens per second, summed over ranks."), 12, 8),
+GROUP BY time, job""", force, wide=_WIDE_JOBS), unit="short", description="Tokens per second, summed over ranks."), 12, 8),
         (timeseries("Step phases", _series("""
-SELECT $__timeInterval({time}) AS time, Attributes['stethoscope.train.phase'] AS phase, {avg} AS seconds
+SELECT {bucket} AS time, Attributes['stethoscope.train.phase'] AS phase, {avg} AS seconds
 FROM {table}
 WHERE MetricName = 'stethoscope.train.phase.time' AND """ + _JOB_WHERE_T + """
-GROUP BY time, phase""", force), unit="s", stacked=True, bars=True,
+GROUP BY time, phase""", force, wide=_WIDE_JOBS), unit="s", stacked=True, bars=True,
                     description="Mean time per step in each phase."), 12, 8),
         (timeseries("Step time by rank", _series("""
-SELECT $__timeInterval({time}) AS time, concat('rank ', Attributes['stethoscope.train.rank']) AS rank,
+SELECT {bucket} AS time, concat('rank ', Attributes['stethoscope.train.rank']) AS rank,
        {avg} AS step_time
 FROM {table}
 WHERE MetricName = 'stethoscope.train.step_time' AND """ + _JOB_WHERE_T + """
-GROUP BY time, rank""", force), unit="s"), 12, 8),
+GROUP BY time, rank""", force, wide=_WIDE_JOBS), unit="s"), 12, 8),
         (timeseries("Input-bound share", _series("""
-SELECT $__timeInterval({time}) AS time, Attributes['stethoscope.train.job'] AS job,
+SELECT {bucket} AS time, Attributes['stethoscope.train.job'] AS job,
        sumIf({value}, MetricName = 'stethoscope.train.data_wait')
          / nullIf(sumIf({value}, MetricName = 'stethoscope.train.step_time'), 0) AS input_bound
 FROM {table}
 WHERE MetricName IN ('stethoscope.train.data_wait', 'stethoscope.train.step_time') AND """ + _JOB_WHERE_T + """
-GROUP BY time, job""", force), unit="percentunit", description="Share of step time spent waiting for data."), 12, 8),
+GROUP BY time, job""", force, wide=_WIDE_JOBS), unit="percentunit", description="Share of step time spent waiting for data."), 12, 8),
         (table("Stragglers: step time per rank vs the job median", _total("""
 SELECT job, rank, node, gpu, steps, step_time,
        step_time / median(step_time) OVER (PARTITION BY job) AS vs_median
@@ -356,14 +367,14 @@ FROM (
          {count} AS steps, {avg} AS step_time
   FROM {table}
   WHERE MetricName = 'stethoscope.train.step_time' AND """ + _JOB_WHERE_T + """
-  GROUP BY job, rank)""", force, order_by="vs_median DESC, job, rank"),
+  GROUP BY job, rank)""", force, order_by="vs_median DESC, job, rank", wide=_WIDE_JOBS),
                description="A rank well above 1.0 slows every synchronous step."), 24, 8),
         (stat("Non-finite values", _total("""
 SELECT {sum} AS nonfinite FROM {table}
-WHERE MetricName = 'stethoscope.train.nonfinite' AND """ + _JOB_WHERE_T, force, SUM), decimals=0), 12, 4),
+WHERE MetricName = 'stethoscope.train.nonfinite' AND """ + _JOB_WHERE_T, force, SUM, wide=_WIDE_JOBS), decimals=0), 12, 4),
         (stat("Latest step", _total("""
 SELECT {max} AS step FROM {table}
-WHERE MetricName = 'stethoscope.train.step' AND """ + _JOB_WHERE_T, force), decimals=0), 12, 4),
+WHERE MetricName = 'stethoscope.train.step' AND """ + _JOB_WHERE_T, force, wide=_WIDE_JOBS), decimals=0), 12, 4),
     ]
     return dashboard("stethoscope-training", _TITLES["stethoscope-training"], tags=["training"], panels=panels,
                      description="Loss, gradient norm, throughput, step phases, stragglers and input stalls.",
@@ -389,31 +400,31 @@ def inference(force: int | None = None) -> Json:
     panels = [
         (stat("Requests", _total("""
 SELECT {sum} AS requests FROM {table}
-WHERE MetricName = 'stethoscope.model.requests' AND """ + _MODEL_ATTR_WHERE_T, force, SUM), decimals=0), 8, 4),
+WHERE MetricName = 'stethoscope.model.requests' AND """ + _MODEL_ATTR_WHERE_T, force, SUM, wide=_WIDE_MODELS), decimals=0), 8, 4),
         (stat("Error share", _total("""
 SELECT sumIf({value}, MetricName = 'stethoscope.model.errors')
        / nullIf(sumIf({value}, MetricName = 'stethoscope.model.requests'), 0) AS error_share
 FROM {table}
 WHERE MetricName IN ('stethoscope.model.errors', 'stethoscope.model.requests') AND """ + _MODEL_ATTR_WHERE_T,
-                                      force, SUM), unit="percentunit"), 8, 4),
+                                      force, SUM, wide=_WIDE_MODELS), unit="percentunit"), 8, 4),
         (stat("Mean latency", f"""
 SELECT sum(Sum) / nullIf(sum(Count), 0) AS latency_ms FROM otel_metrics_histogram
 WHERE MetricName = 'stethoscope.model.latency' AND {_MODEL_ATTR_WHERE}""", unit="ms"), 8, 4),
         (timeseries("Requests per second", _series("""
-SELECT $__timeInterval({time}) AS time,
+SELECT {bucket} AS time,
        concat(Attributes['stethoscope.model'], ' v', Attributes['stethoscope.model.version']) AS model,
-       {sum} / $__interval_s AS rps
+       {sum} / {step} AS rps
 FROM {table}
 WHERE MetricName = 'stethoscope.model.requests' AND """ + _MODEL_ATTR_WHERE_T + """
-GROUP BY time, model""", force, SUM), unit="reqps"), 12, 8),
+GROUP BY time, model""", force, SUM, wide=_WIDE_MODELS), unit="reqps"), 12, 8),
         (timeseries("Latency p50 / p90 / p99", _latency_sql(), unit="ms",
                     description="Quantiles interpolated inside the latency histogram's buckets."), 12, 8),
         (timeseries("Errors per second, by kind", _series("""
-SELECT $__timeInterval({time}) AS time, Attributes['stethoscope.error.kind'] AS kind,
-       {sum} / $__interval_s AS errors
+SELECT {bucket} AS time, Attributes['stethoscope.error.kind'] AS kind,
+       {sum} / {step} AS errors
 FROM {table}
 WHERE MetricName = 'stethoscope.model.errors' AND """ + _MODEL_ATTR_WHERE_T + """
-GROUP BY time, kind""", force, SUM), unit="reqps", stacked=True), 12, 8),
+GROUP BY time, kind""", force, SUM, wide=_WIDE_MODELS), unit="reqps", stacked=True), 12, 8),
         (table("Per model version", _total("""
 SELECT Attributes['stethoscope.model'] AS model, Attributes['stethoscope.model.version'] AS version,
        sumIf({value}, MetricName = 'stethoscope.model.requests') AS requests,
@@ -421,7 +432,7 @@ SELECT Attributes['stethoscope.model'] AS model, Attributes['stethoscope.model.v
        errors / nullIf(requests, 0) AS error_share
 FROM {table}
 WHERE MetricName IN ('stethoscope.model.requests', 'stethoscope.model.errors') AND """ + _MODEL_ATTR_WHERE_T + """
-GROUP BY model, version""", force, SUM, order_by="requests DESC")), 12, 8),
+GROUP BY model, version""", force, SUM, order_by="requests DESC", wide=_WIDE_MODELS)), 12, 8),
     ]
     return dashboard("stethoscope-inference", _TITLES["stethoscope-inference"], tags=["models"], panels=panels,
                      description="Request rate, latency quantiles from the histogram buckets, and errors.",
@@ -464,11 +475,11 @@ WHERE $__timeFilter(Timestamp) AND {_MODEL_COL}
 GROUP BY time
 ORDER BY time"""), 12, 8),
         (timeseries("Sampling probability", _series("""
-SELECT $__timeInterval({time}) AS time, concat(Attributes['stethoscope.model'], '/', Attributes['stethoscope.stream']) AS stream,
+SELECT {bucket} AS time, concat(Attributes['stethoscope.model'], '/', Attributes['stethoscope.stream']) AS stream,
        {avg} AS probability
 FROM {table}
 WHERE MetricName = 'stethoscope.model.sampling.probability' AND """ + _MODEL_ATTR_WHERE_T + """
-GROUP BY time, stream""", force), unit="percentunit"), 12, 8),
+GROUP BY time, stream""", force, wide=_WIDE_MODELS), unit="percentunit"), 12, 8),
         (table("Samples by stream", f"""
 SELECT Model AS model, ModelVersion AS version, Stream AS stream, count() AS sampled_rows,
        sum(AdjustedCount) AS estimated_predictions, sampled_rows / nullIf(estimated_predictions, 0) AS sampling_rate,
@@ -496,8 +507,10 @@ _IDLE_HOURS = f"countIf(util < {IDLE_UTILIZATION}) * {{step}} / 3600"
 
 
 def cost(force: int | None = None) -> Json:
-    requests = """(SELECT sum(Value) FROM otel_metrics_sum
-   WHERE MetricName = 'stethoscope.model.requests' AND $__timeFilter(TimeUnix)
+    # Requests over the range from the sum rollups (whole hours plus the minutes at either end).
+    whole = SUM.at(60, whole=True)
+    requests = f"""(SELECT sum(Sum) FROM {whole["table"]}
+   WHERE MetricName = 'stethoscope.model.requests' AND {whole["where"]}
    AND $__conditionalAll(Attributes['stethoscope.model'] IN ($model), $model))"""
     panels = [
         (stat("GPU hours", _series(f"SELECT {_HOURS} AS gpu_hours FROM ({_GPU_INTERVALS})", force, order_by="",
@@ -519,20 +532,20 @@ SELECT node, uniqExact(gpu) AS gpus, {_HOURS} AS gpu_hours, {_IDLE_HOURS} AS idl
        gpu_hours * $gpu_hour_price AS cost, idle_gpu_hours * $gpu_hour_price AS idle_cost, avg(util) AS utilization
 FROM ({_GPU_INTERVALS})
 GROUP BY node""", force, order_by="cost DESC", wide=_WIDE_NODES)), 12, 8),
-        (table("Declared cost per 1,000 predictions, by model", """
+        (table("Declared cost per 1,000 predictions, by model", _total("""
 SELECT Attributes['stethoscope.model'] AS model,
-       sumIf(Value, MetricName = 'stethoscope.model.requests') AS predictions,
-       sumIf(Value, MetricName = 'stethoscope.model.business' AND Attributes['stethoscope.business.name'] = 'cost') AS declared_cost,
+       sumIf({value}, MetricName = 'stethoscope.model.requests') AS predictions,
+       sumIf({value}, MetricName = 'stethoscope.model.business'
+                      AND Attributes['stethoscope.business.name'] = 'cost') AS declared_cost,
        declared_cost / nullIf(predictions, 0) * 1000 AS cost_per_1k
-FROM otel_metrics_sum
-WHERE MetricName IN ('stethoscope.model.requests', 'stethoscope.model.business') AND $__timeFilter(TimeUnix)
+FROM {table}
+WHERE MetricName IN ('stethoscope.model.requests', 'stethoscope.model.business') AND {use} AND {where}
   AND $__conditionalAll(Attributes['stethoscope.model'] IN ($model), $model)
-GROUP BY model
-ORDER BY predictions DESC""", description="From the SDK's cost_per_prediction (business metric 'cost')."), 12, 8),
+GROUP BY model""", force, SUM, order_by="predictions DESC", wide=_WIDE_MODELS),
+               description="From the SDK's cost_per_prediction (business metric 'cost')."), 12, 8),
     ]
-    model_var = query_variable("model", "Model", """
-        SELECT DISTINCT Attributes['stethoscope.model'] FROM otel_metrics_sum
-        WHERE MetricName = 'stethoscope.model.requests' AND $__timeFilter(TimeUnix) ORDER BY 1""")
+    model_var = query_variable("model", "Model", f"""
+        SELECT DISTINCT Attributes['stethoscope.model'] {_REQUEST_HOURS} ORDER BY 1""")
     return dashboard("stethoscope-cost", _TITLES["stethoscope-cost"], tags=["cost"], panels=panels,
                      description="GPU hours times $gpu_hour_price, idle cost, and cost per 1,000 predictions.",
                      variables=[_cluster_var(), _node_var(), _gpu_var(), model_var,

@@ -19,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "ACTION_ANNOTATION_SQL",
+    "ANNOTATION_LIMIT",
     "ALERT_ANNOTATION_SQL",
     "DATASOURCE",
     "FORMAT_LOGS",
@@ -161,6 +162,10 @@ def annotation(name: str, sql: str, color: str) -> Json:
             "target": target(sql, FORMAT_TABLE, "Annotations")}
 
 
+#: Each annotation query returns at most this many marks, the newest: a time axis cannot show more,
+#: and a busy week of findings would otherwise send millions of rows.
+ANNOTATION_LIMIT = 1000
+
 #: Alerts as the runner notified them: when each fired and resolved (once per alert, not per
 #: receiver or repeat), from the outbox's ``queued`` rows, which keep the notification.
 ALERT_ANNOTATION_SQL = """
@@ -171,7 +176,8 @@ SELECT min(Time) AS time,
 FROM notification_attempts
 WHERE $__timeFilter(Time) AND Status = 'queued' AND JSONExtractString(Body, 'reason') != 'repeat'
 GROUP BY Fingerprint, JSONExtractString(Body, 'status'), JSONExtractFloat(Body, 'starts_at')
-ORDER BY time"""
+ORDER BY time DESC
+LIMIT """ + str(ANNOTATION_LIMIT)
 
 #: Every remediation decision (taken, dry run, refused by a guard, failed) from the ``actions`` audit.
 ACTION_ANNOTATION_SQL = """
@@ -180,7 +186,8 @@ SELECT Time AS time,
        concat('action,', Action, ',', Decision) AS tags
 FROM actions
 WHERE $__timeFilter(Time)
-ORDER BY time"""
+ORDER BY time DESC
+LIMIT """ + str(ANNOTATION_LIMIT)
 
 
 _BUILTIN_ANNOTATION = {

@@ -326,9 +326,9 @@ def test_panels_really_read_the_rollup_for_long_ranges_and_many_nodes(live):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("stem", ["fleet", "cost"])
+@pytest.mark.parametrize("stem", ["fleet", "cost", "training", "inference"])
 def test_many_nodes_read_the_rollups_in_whole_minutes_with_the_raw_numbers(live, stem):
-    """All nodes over a short range at 10 s: the minute rollup, and the same numbers as raw rows at 1 min."""
+    """All nodes (jobs, models) over a short range at 10 s: the minute rollup, and the raw rows' numbers at 1 min."""
     start = (int(time.time()) - 3 * 3600) // 60 * 60
     at10 = QueryContext(start=start, end=time.time() + 300, interval_s=10)
     at60 = QueryContext(start=start, end=at10.end, interval_s=60)
@@ -341,10 +341,13 @@ def test_many_nodes_read_the_rollups_in_whole_minutes_with_the_raw_numbers(live,
         assert _same(want, chosen[title]), f"{stem} {title!r}: {rows} != {chosen[title]}"
     # Buckets of whole minutes with All; one node stays on raw rows at 10 s buckets.
     d = _BUILDERS[stem]()
-    (p,) = [p for p in d["panels"] if p["title"] == ("GPU utilization" if stem == "fleet" else "GPU cost over time")]
+    wide_panel = {"fleet": "GPU utilization", "cost": "GPU cost over time", "training": "Loss",
+                  "inference": "Requests per second"}[stem]
+    (p,) = [p for p in d["panels"] if p["title"] == wide_panel]
     wide = _rows(live, render(p["targets"][0]["rawSql"], at10, _values(d, False)))["data"]
     assert wide and all(str(r["time"]).endswith(":00") for r in wide)
-    one = {**_values(d, False), Variable("node", multi=True, include_all=True): ["node-a"]}
+    name, value = {"training": ("job", "llm-pretrain"), "inference": ("model", "fraud")}.get(stem, ("node", "node-a"))
+    one = {**_values(d, False), Variable(name, multi=True, include_all=True): [value]}
     narrow = _rows(live, render(p["targets"][0]["rawSql"], at10, one))["data"]
     (raw_p,) = [x for x in _BUILDERS[stem](0)["panels"] if x["title"] == p["title"]]
     assert narrow and _same(narrow, _rows(live, render(raw_p["targets"][0]["rawSql"], at10, one))["data"])
