@@ -27,7 +27,7 @@ from .panels import (
     table,
     timeseries,
 )
-from .rollups import GAUGE, ROLLUPS, SUM, pick
+from .rollups import GAUGE, HISTOGRAM, ROLLUPS, SUM, pick
 
 __all__ = [
     "DASHBOARDS",
@@ -383,17 +383,16 @@ WHERE MetricName = 'stethoscope.train.step' AND """ + _JOB_WHERE_T, force, wide=
 
 # ---------------------------------------------------------------- inference
 
-def _latency_sql() -> str:
+def _latency_sql(force: int | None) -> str:
     quantiles = ",\n       ".join(f"{bucket_quantile_sql(q)} AS p{round(q * 100)}" for q in (0.5, 0.9, 0.99))
-    return f"""
+    return _series(f"""
 SELECT t AS time,
        {quantiles}
 FROM (
-  SELECT $__timeInterval(TimeUnix) AS t, sumForEach(BucketCounts) AS counts, any(ExplicitBounds) AS bounds
-  FROM otel_metrics_histogram
-  WHERE MetricName = 'stethoscope.model.latency' AND {_MODEL_ATTR_WHERE}
-  GROUP BY t)
-ORDER BY time"""
+  SELECT {{bucket}} AS t, {{buckets}} AS counts, {{bounds}} AS bounds
+  FROM {{table}}
+  WHERE MetricName = 'stethoscope.model.latency' AND """ + _MODEL_ATTR_WHERE_T + """
+  GROUP BY t)""", force, HISTOGRAM, wide=_WIDE_MODELS)
 
 
 def inference(force: int | None = None) -> Json:
@@ -407,9 +406,10 @@ SELECT sumIf({value}, MetricName = 'stethoscope.model.errors')
 FROM {table}
 WHERE MetricName IN ('stethoscope.model.errors', 'stethoscope.model.requests') AND """ + _MODEL_ATTR_WHERE_T,
                                       force, SUM, wide=_WIDE_MODELS), unit="percentunit"), 8, 4),
-        (stat("Mean latency", f"""
-SELECT sum(Sum) / nullIf(sum(Count), 0) AS latency_ms FROM otel_metrics_histogram
-WHERE MetricName = 'stethoscope.model.latency' AND {_MODEL_ATTR_WHERE}""", unit="ms"), 8, 4),
+        (stat("Mean latency", _total("""
+SELECT sum(Sum) / nullIf(sum(Count), 0) AS latency_ms FROM {table}
+WHERE MetricName = 'stethoscope.model.latency' AND """ + _MODEL_ATTR_WHERE_T, force, HISTOGRAM, wide=_WIDE_MODELS),
+              unit="ms"), 8, 4),
         (timeseries("Requests per second", _series("""
 SELECT {bucket} AS time,
        concat(Attributes['stethoscope.model'], ' v', Attributes['stethoscope.model.version']) AS model,
@@ -417,7 +417,7 @@ SELECT {bucket} AS time,
 FROM {table}
 WHERE MetricName = 'stethoscope.model.requests' AND """ + _MODEL_ATTR_WHERE_T + """
 GROUP BY time, model""", force, SUM, wide=_WIDE_MODELS), unit="reqps"), 12, 8),
-        (timeseries("Latency p50 / p90 / p99", _latency_sql(), unit="ms",
+        (timeseries("Latency p50 / p90 / p99", _latency_sql(force), unit="ms",
                     description="Quantiles interpolated inside the latency histogram's buckets."), 12, 8),
         (timeseries("Errors per second, by kind", _series("""
 SELECT {bucket} AS time, Attributes['stethoscope.error.kind'] AS kind,

@@ -1,5 +1,7 @@
 """Per-minute and per-hour rollups of the gauge and sum metric tables, and how panels pick them.
 
+Histograms (the SDK's latency) have the same two rollups, with the bucket counts summed.
+
 A rollup is an ``AggregatingMergeTree`` table filled by a materialized view
 (``CREATE MATERIALIZED VIEW ... TO <rollup>``) on a raw table (the minute rollups) or
 on the minute rollup (the hourly ones). Each row summarises one series
@@ -26,8 +28,9 @@ Panels choose between the raw table and a rollup inside one query (:func:`pick`)
 panel interval that folds to a constant, so ClickHouse reads only the chosen table.
 
 Examples:
-    >>> [r.name for r in ROLLUPS]
-    ['otel_metrics_gauge_1m', 'otel_metrics_gauge_1h', 'otel_metrics_sum_1m', 'otel_metrics_sum_1h']
+    >>> [r.name for r in ROLLUPS]  # doctest: +NORMALIZE_WHITESPACE
+    ['otel_metrics_gauge_1m', 'otel_metrics_gauge_1h', 'otel_metrics_sum_1m', 'otel_metrics_sum_1h',
+     'otel_metrics_histogram_1m', 'otel_metrics_histogram_1h']
     >>> print(GAUGE.at(60)["avg"], "|", GAUGE.at(0)["avg"])
     sum(Sum) / sum(Count) | avg(Value)
 """
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "GAUGE",
+    "HISTOGRAM",
     "LONG_RANGE_S",
     "ROLLUPS",
     "SUM",
@@ -75,6 +79,14 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Max", "SimpleAggregateFunction(max, Float64)", "CODEC(ZSTD(1))"),
 )
 
+#: Histogram rollups add the bucket counts, summed element by element (a ``sumForEach``
+#: state, read with ``sumForEachMerge``), and the bucket bounds.
+_HISTOGRAM_COLUMNS = (
+    *_COLUMNS,
+    ("BucketCounts", "AggregateFunction(sumForEach, Array(UInt64))", "CODEC(ZSTD(1))"),
+    ("ExplicitBounds", "SimpleAggregateFunction(any, Array(Float64))", "CODEC(ZSTD(1))"),
+)
+
 # Rows of one series and one time bucket merge into one: every key column is in ORDER BY.
 _ORDER_BY = "(MetricName, Time, Cluster, Node, Gpu, ServiceName, AttributesHash)"
 
@@ -93,6 +105,9 @@ class Rollup:
     grain_s: int
     feeder: str = ""
     columns: tuple[tuple[str, str, str], ...] = _COLUMNS
+    #: ``metric`` (gauge and sum rows: ``Value``) or ``histogram`` (``Count``, ``Sum``, ``Min``,
+    #: ``Max`` and the bucket counts of each point).
+    kind: str = "metric"
     order_by: str = _ORDER_BY
     partition_by: str = "toDate(Time)"
     ttl_column: str = "Time"
@@ -113,29 +128,37 @@ class Rollup:
         >>> "INTERVAL 60 second" in ROLLUPS[0].select("db.t")
         True
         """
+        hist = self.kind == "histogram"
         if self.feeder:
             # Re-aggregate a finer rollup; the inner query renames what the outer one aggregates.
             inner = ("SELECT Time AS T, ServiceName, MetricName, Cluster, Node, Gpu, AttributesHash, Attributes AS A,"
                      " StartTime AS S, Count AS C, Sum AS Su, Min AS Mi, Max AS Ma"
-                     f" FROM {source}{f' WHERE {where}' if where else ''}")
+                     + (", BucketCounts AS B, ExplicitBounds AS Bo" if hist else "")
+                     + f" FROM {source}{f' WHERE {where}' if where else ''}")
             return (
                 f"SELECT toStartOfInterval(T, INTERVAL {self.grain_s} second) AS Time,"
                 " ServiceName, MetricName, Cluster, Node, Gpu, AttributesHash, any(A) AS Attributes,"
                 " min(S) AS StartTime, sum(C) AS Count, sum(Su) AS Sum, min(Mi) AS Min, max(Ma) AS Max"
-                f" FROM ({inner})"
+                + (", sumForEachMergeState(B) AS BucketCounts, any(Bo) AS ExplicitBounds" if hist else "")
+                + f" FROM ({inner})"
                 " GROUP BY Time, ServiceName, MetricName, Cluster, Node, Gpu, AttributesHash"
             )
-        # The inner query renames Attributes, which the outer one both hashes and aggregates.
+        # The inner query renames Attributes, which the outer one both hashes and aggregates
+        # (and a histogram's columns, which the outer one aggregates under the same names).
+        values = (" Count AS Cnt, Sum AS Su, Min AS Mi, Max AS Ma, BucketCounts AS B, ExplicitBounds AS Bo" if hist
+                  else " Value")
         inner = ("SELECT TimeUnix, StartTimeUnix, ServiceName, MetricName, ResourceAttributes, Attributes AS Attrs,"
-                 f" Value FROM {source}{f' WHERE {where}' if where else ''}")
+                 f"{values} FROM {source}{f' WHERE {where}' if where else ''}")
+        aggregates = (" sum(Cnt) AS Count, sum(Su) AS Sum, min(Mi) AS Min, max(Ma) AS Max,"
+                      " sumForEachState(B) AS BucketCounts, any(Bo) AS ExplicitBounds" if hist
+                      else " count() AS Count, sum(Value) AS Sum, min(Value) AS Min, max(Value) AS Max")
         return (
             f"SELECT toStartOfInterval(toDateTime(TimeUnix), INTERVAL {self.grain_s} second) AS Time,"
             " ServiceName, MetricName,"
             " ResourceAttributes['k8s.cluster.name'] AS Cluster, ResourceAttributes['host.name'] AS Node,"
             " Attrs['gpu.index'] AS Gpu,"
             " cityHash64(Attrs) AS AttributesHash, any(Attrs) AS Attributes,"
-            " min(StartTimeUnix) AS StartTime, count() AS Count, sum(Value) AS Sum,"
-            " min(Value) AS Min, max(Value) AS Max"
+            " min(StartTimeUnix) AS StartTime," + aggregates +
             f" FROM ({inner})"
             " GROUP BY Time, ServiceName, MetricName, Cluster, Node, Gpu, AttributesHash"
         )
@@ -147,6 +170,9 @@ ROLLUPS: tuple[Rollup, ...] = (
     Rollup("otel_metrics_gauge_1h", "otel_metrics_gauge", 3600, feeder="otel_metrics_gauge_1m"),
     Rollup("otel_metrics_sum_1m", "otel_metrics_sum", 60),
     Rollup("otel_metrics_sum_1h", "otel_metrics_sum", 3600, feeder="otel_metrics_sum_1m"),
+    Rollup("otel_metrics_histogram_1m", "otel_metrics_histogram", 60, columns=_HISTOGRAM_COLUMNS, kind="histogram"),
+    Rollup("otel_metrics_histogram_1h", "otel_metrics_histogram", 3600, feeder="otel_metrics_histogram_1m",
+           columns=_HISTOGRAM_COLUMNS, kind="histogram"),
 )
 
 
@@ -226,7 +252,7 @@ class Dialect:
                 "gpu": "Attributes['gpu.index']",
                 "avg": "avg(Value)", "sum": "sum(Value)", "min": "min(Value)", "max": "max(Value)",
                 "count": "count()", "start": "min(StartTimeUnix)", "value": "Value", "maxv": "Value",
-                "countv": "1",
+                "countv": "1", "buckets": "sumForEach(BucketCounts)", "bounds": "any(ExplicitBounds)",
             }
         table = next(r.name for r in ROLLUPS if r.source == self.raw_table and r.grain_s == grain_s)
         if whole:
@@ -244,11 +270,14 @@ class Dialect:
             "node": "Node", "cluster": "Cluster", "gpu": "Gpu",
             "avg": "sum(Sum) / sum(Count)", "sum": "sum(Sum)", "min": "min(Min)", "max": "max(Max)",
             "count": "sum(Count)", "start": "min(StartTime)", "value": "Sum", "maxv": "Max", "countv": "Count",
+            "buckets": "sumForEachMerge(BucketCounts)", "bounds": "any(ExplicitBounds)",
         }
 
 
 GAUGE = Dialect("otel_metrics_gauge")
 SUM = Dialect("otel_metrics_sum")
+#: Histograms: ``{buckets}`` and ``{bounds}`` give a bucket's summed counts and its bounds.
+HISTOGRAM = Dialect("otel_metrics_histogram")
 
 #: Tiers a panel can read, by grain in seconds (0 = raw rows).
 TIERS = (0, 60, 3600)

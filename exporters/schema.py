@@ -572,13 +572,19 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         7,
         "per-minute and per-hour rollups of gauges and sums, rebuilt from the rows already stored",
-        (*_migration_ddl(*ROLLUP_TABLES.values()),
-         *(s for r in ROLLUPS for s in rebuild_statements(r, "{db}", "{on_cluster}"))),
+        (*_migration_ddl(*(ROLLUP_TABLES[r.name] for r in ROLLUPS if r.kind == "metric")),
+         *(s for r in ROLLUPS if r.kind == "metric" for s in rebuild_statements(r, "{db}", "{on_cluster}"))),
     ),
     Migration(
         8,
         "findings.InsertedAt: when a finding was written, so alert rules read findings in the order they arrive",
         ("ALTER TABLE {db}.findings {on_cluster} ADD COLUMN IF NOT EXISTS InsertedAt DateTime64(3) "
          "DEFAULT now64(3) CODEC(Delta(8), ZSTD(1))",),
+    ),
+    Migration(
+        9,
+        "per-minute and per-hour rollups of histograms (the latency panels), rebuilt from the rows already stored",
+        (*_migration_ddl(*(ROLLUP_TABLES[r.name] for r in ROLLUPS if r.kind == "histogram")),
+         *(s for r in ROLLUPS if r.kind == "histogram" for s in rebuild_statements(r, "{db}", "{on_cluster}"))),
     ),
 )

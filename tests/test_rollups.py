@@ -59,13 +59,15 @@ def test_create_statements_make_rollups_and_views_with_the_cluster_engine_and_tt
     assert not any("MATERIALIZED VIEW" in s for s in only)
 
 
-def test_migration_7_creates_and_rebuilds_every_rollup():
-    (m,) = [m for m in schema.MIGRATIONS if m.version == 7]
+@pytest.mark.parametrize(("version", "kind"), [(7, "metric"), (9, "histogram")])
+def test_migrations_7_and_9_create_and_rebuild_every_rollup(version, kind):
+    (m,) = [m for m in schema.MIGRATIONS if m.version == version]
     text = "\n".join(m.statements)
     for r in ROLLUPS:
-        assert f"CREATE TABLE IF NOT EXISTS {{db}}.`{r.name}`{{on_cluster}}" in text
-        assert f"DROP VIEW IF EXISTS {{db}}.`{r.view}`{{on_cluster}}" in text
-        assert f"INSERT INTO {{db}}.`{r.name}` SELECT" in text
+        mine = r.kind == kind
+        assert (f"CREATE TABLE IF NOT EXISTS {{db}}.`{r.name}`{{on_cluster}}" in text) == mine, r.name
+        assert (f"DROP VIEW IF EXISTS {{db}}.`{r.view}`{{on_cluster}}" in text) == mine, r.name
+        assert (f"INSERT INTO {{db}}.`{r.name}` SELECT" in text) == mine, r.name
     for stmt in m.statements:
         stmt.format(db="`x`", on_cluster="")  # no stray braces
 
@@ -95,6 +97,27 @@ SELECT 'agent', ['gpu.utilization', 'gpu.temperature'][number % 2 + 1],
 FROM numbers({n})"""
 
 
+_HISTOGRAM_ROWS = """
+INSERT INTO otel_metrics_histogram (ServiceName, MetricName, ResourceAttributes, Attributes, StartTimeUnix, TimeUnix,
+                                    Count, Sum, BucketCounts, ExplicitBounds, Min, Max, AggregationTemporality)
+SELECT 'model', 'stethoscope.model.latency', map('host.name', concat('pod-', toString(number % 3))),
+       map('stethoscope.model', 'fraud'), toDateTime64({start}, 9),
+       toDateTime64({start}, 9) + toIntervalMillisecond(number * 3571),
+       arraySum(c), arraySum(c) * 12.5, c, [5., 10., 50.], 1., 90., 1
+FROM (SELECT number, CAST([number % 3, number % 5, 1, number % 2], 'Array(UInt64)') AS c FROM numbers({n}))"""
+
+
+def _histogram_aggregates(store, grain: int) -> tuple[list[list[str]], list[list[str]]]:
+    raw = _tsv(store, f"""
+        SELECT toStartOfInterval(toDateTime(TimeUnix), INTERVAL {grain} second) AS t, ResourceAttributes['host.name'],
+               sum(Count), sum(Sum), min(Min), max(Max), sumForEach(BucketCounts), any(ExplicitBounds)
+        FROM otel_metrics_histogram GROUP BY ALL ORDER BY ALL""")
+    rolled = _tsv(store, f"""
+        SELECT Time, Node, sum(Count), sum(Sum), min(Min), max(Max), sumForEachMerge(BucketCounts), any(ExplicitBounds)
+        FROM otel_metrics_histogram_{'1m' if grain == 60 else '1h'} GROUP BY ALL ORDER BY ALL""")
+    return raw, rolled
+
+
 def _aggregates(store, grain: int) -> tuple[list[list[str]], list[list[str]]]:
     raw = _tsv(store, f"""
         SELECT MetricName, toStartOfInterval(toDateTime(TimeUnix), INTERVAL {grain} second) AS t,
@@ -119,6 +142,7 @@ def test_migration_7_backfills_rows_stored_before_the_rollups_existed(tmp_path):
             st.execute(f"INSERT INTO schema_migrations (Version, Description, AppliedAt) VALUES ({version}, 'old', now64(3))")
         start = int(time.time()) - 3 * 3600
         st.execute(_GAUGE_ROWS.format(start=start, n=8000))  # ~3 hours of rows, several inserts' worth
+        st.execute(_HISTOGRAM_ROWS.format(start=start, n=3000))
         assert not set(ROLLUP_NAMES) & set(_ddl(st))
         st.close()
         st = ChdbStore(tmp_path, schema.SchemaOptions(ttl_seconds=30 * 86400))
@@ -135,6 +159,9 @@ def test_migration_7_backfills_rows_stored_before_the_rollups_existed(tmp_path):
             raw, rolled = _aggregates(st, grain)
             assert raw == rolled, grain
         assert _tsv(st, "SELECT sum(Count) FROM otel_metrics_gauge_1m") == [["8500"]]
+        for grain in (60, 3600):  # migration 9: the histograms' bucket counts, summed per bucket
+            raw, rolled = _histogram_aggregates(st, grain)
+            assert len(raw) > 5 and raw == rolled, grain
         _fleet_panels_agree(st, start)
         # A hand backfill of a range (here after emptying the rollup) gives the same table again.
         st.execute("TRUNCATE TABLE otel_metrics_gauge_1h")
