@@ -189,7 +189,6 @@ def _gpu_series(metric: str, force: int | None, agg: str = "{avg}", outliers: st
     hundred rows returned whatever the fleet's size. The pass groups by a hash of node
     and GPU, not by the two strings, which took 3.5 times as long at 100M rows.
     """
-    wide = _WIDE_NODES if force is None else "0"  # force pins a tier and keeps a line per GPU
     ranked = GAUGE.at(60, whole=True)
     names = "[" + ", ".join(f"'{n}'" for n in FLEET_QUANTILES.values()) + "]"
     levels = ", ".join(str(q) for q in FLEET_QUANTILES)
@@ -197,7 +196,7 @@ def _gpu_series(metric: str, force: int | None, agg: str = "{avg}", outliers: st
     return _series(f"""
 SELECT {{bucket}} AS time, concat({{node}}, '/', {{gpu}}) AS gpu, {agg} AS value
 FROM {{table}}
-WHERE MetricName = '{metric}' AND NOT ({wide}) AND """ + _GPU_WHERE_T + f"""
+WHERE MetricName = '{metric}' AND NOT ({{wide}}) AND """ + _GPU_WHERE_T + f"""
 GROUP BY time, gpu
 UNION ALL
 SELECT time, s.1 AS gpu, s.2 AS value
@@ -207,7 +206,7 @@ FROM (
   FROM (
     WITH (SELECT (groupArray(key), groupArray(name)) FROM (
             SELECT cityHash64(Node, Gpu) AS key, concat(Node, '/', Gpu) AS name FROM {ranked["table"]}
-            WHERE {{use}} AND {wide} AND MetricName = '{metric}' AND {ranked["where"]} AND {filter_rollup}
+            WHERE {{use}} AND {{wide}} AND MetricName = '{metric}' AND {ranked["where"]} AND {filter_rollup}
             GROUP BY Node, Gpu
             ORDER BY {_RANK[outliers]}, Node, Gpu
             LIMIT {OUTLIER_GPUS})) AS top
@@ -215,7 +214,7 @@ FROM (
     FROM (
       SELECT {{bucket}} AS time, cityHash64({{node}}, {{gpu}}) AS key, {agg} AS value
       FROM {{table}}
-      WHERE MetricName = '{metric}' AND {wide} AND """ + _GPU_WHERE_T + """
+      WHERE MetricName = '{metric}' AND {{wide}} AND """ + _GPU_WHERE_T + """
       GROUP BY time, key))
   GROUP BY time)
 ARRAY JOIN series AS s""", force, wide=_WIDE_NODES)

@@ -344,6 +344,8 @@ def pick(template: str | Mapping[int, str], dialect: Dialect, *, bucketed: bool,
     makes that tier the only one, for benchmarks and tests; whole-range panels have one
     rollup tier (hours and minutes together), read for ``force=60`` or ``3600``. ``order_by`` is applied to the union.
 
+    ``{wide}`` in the template is the ``wide`` condition (``0`` when there is none or
+    ``force`` is given), for templates that draw something else for many series.
     ``{step}`` in the template is the bucket width in seconds (:func:`step_expr`) and
     ``{bucket}`` the time bucket of a row, ``$__interval_s`` and ``$__timeInterval`` of
     the tier's time column unless ``wide`` is given. ``wide`` is a condition on template
@@ -375,7 +377,8 @@ def pick(template: str | Mapping[int, str], dialect: Dialect, *, bucketed: bool,
         bucket = (f"toStartOfInterval(toDateTime({fragments['time']}), toIntervalSecond({step}))" if wide
                   else f"$__timeInterval({fragments['time']})")
         text = template if isinstance(template, str) else template[grain]
-        body = text.format(use=use, step=step, bucket=bucket, **fragments, **(extra or {})).strip()
+        body = text.format(use=use, step=step, bucket=bucket, wide=wide or "0", **fragments,
+                           **(extra or {})).strip()
         branches.append(f"SELECT * FROM (\n{body}\n) WHERE {use}")
     union = "\nUNION ALL\n".join(branches)
     return f"SELECT * FROM (\n{union}\n)" + (f"\nORDER BY {order_by}" if order_by else "")
