@@ -89,14 +89,14 @@ def reframe(data: bytes, revision: int) -> bytes:
             if rows:
                 start = pos
                 try:
-                    walker = _walker(type_name.decode("utf-8", "replace"))
-                    pos = walker(data, pos, rows)
+                    pos = _walker(type_name.decode("utf-8", "replace"))(data, pos, rows)
+                    problem = "the data ends inside it" if pos > end else ""
                 except NativeFrameError as exc:
-                    raise NativeFrameError(f"column {name.decode('utf-8', 'replace')!r}: {exc}") from None
+                    problem = str(exc)
                 except (IndexError, struct.error):
-                    raise NativeFrameError(f"column {name.decode('utf-8', 'replace')!r}: the data ends inside it")
-                if pos > end:
-                    raise NativeFrameError(f"column {name.decode('utf-8', 'replace')!r}: the data ends inside it")
+                    problem = "the data ends inside it"
+                if problem:
+                    raise NativeFrameError(f"column {name.decode('utf-8', 'replace')!r}: {problem}")
                 out += data[start:pos]
     return bytes(out)
 
