@@ -18,7 +18,7 @@ BENCHMARKS = {
     "anomaly_fleet": "benchmarks.anomaly_fleet",
     "alerts": "benchmarks.alerts",
     "dashboards": "benchmarks.dashboards",
-    "dashboards_models": "benchmarks.dashboards_models",
+    "dashboards_other": "benchmarks.dashboards_other",
     "load": "benchmarks.load",
     "cardinality": "benchmarks.cardinality",
     "faults": "benchmarks.faults",

@@ -1,6 +1,6 @@
 """Panel and variable latency of the training, inference, drift, cost and alerts dashboards at 10M and 100M rows.
 
-``python -m benchmarks.run dashboards_models [--rows 10000000 100000000] [--repeat 5] [--raw-repeat 1]
+``python -m benchmarks.run dashboards_other [--rows 10000000 100000000] [--repeat 5] [--raw-repeat 1]
 [--dashboards training inference drift cost alerts]``
 
 The fleet dashboard has its own benchmark (``benchmarks/dashboards.py``); this one
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=tempfile.gettempdir())
     p.add_argument("--json", help="also write every measurement to this file")
     args = p.parse_args(argv)
-    print(f"# dashboards_models: {os.cpu_count()} CPUs; {args.repeat} runs per query after one warm-up "
+    print(f"# dashboards_other: {os.cpu_count()} CPUs; {args.repeat} runs per query after one warm-up "
           f"({args.raw_repeat} for the raw peer); load average {os.getloadavg()[0]:.1f}")
     everything = []
     for rows in sorted(args.rows):
